@@ -1,0 +1,103 @@
+"""The pump: frames from the tap out to the links, messages from the links into the tap.
+
+The reader thread polls the tap fd, drains every frame that is ready (up to one batch),
+encodes them as one gelf message and offers the same bytes to every link. `deliver` is the
+way back: it validates a received message and writes its frames to the tap. Nothing that
+fails validation reaches the tap; each drop is counted by reason.
+"""
+
+import logging
+import os
+import select
+import threading
+import time
+
+from gelf import wire
+from gelf.stats import Traffic
+
+log = logging.getLogger("gelf.pump")
+
+POLL_MS = 200  # how quickly the reader notices a stop request
+
+
+class Pump:
+    def __init__(self, tap, links, drops, origin=None):
+        self.tap = tap
+        self.links = links
+        self.drops = drops
+        self.origin = origin if origin is not None else int.from_bytes(os.urandom(4), "big")
+        # Starting at the clock in ns keeps (origin, seq) unique across restarts: see docs/design.md.
+        self.seq = time.time_ns()
+        self.max_message = wire.max_message(tap.mtu)
+        self.read = Traffic()
+        self.written = Traffic()
+        self._written_lock = threading.Lock()
+        self._running = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gelf-pump", daemon=True)
+
+    def start(self):
+        self._running.set()
+        self._thread.start()
+
+    def stop(self):
+        self._running.clear()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    # tap -> links
+
+    def _run(self):
+        poller = select.poll()
+        poller.register(self.tap.fileno(), select.POLLIN)
+        while self._running.is_set():
+            if not poller.poll(POLL_MS):
+                continue
+            frames = self._drain()
+            if frames:
+                self.seq += 1
+                self.links.offer(wire.encode(frames, self.origin, self.seq))
+
+    def _drain(self):
+        """Every frame ready on the tap, up to one batch (wire.BATCH_FRAMES / BATCH_BYTES)."""
+        frames = []
+        size = 0
+        while len(frames) < wire.BATCH_FRAMES and size < wire.BATCH_BYTES:
+            try:
+                frame = self.tap.read()
+            except OSError as err:
+                log.warning("reading %s failed: %s", self.tap.name, err)
+                break
+            if frame is None:
+                break
+            frames.append(frame)
+            size += len(frame)
+        self.read.add(size, len(frames))
+        return frames
+
+    # links -> tap
+
+    def deliver(self, data, link=None):
+        """Validate one received message and write its frames to the tap."""
+        if not data:
+            self.drops.add("empty")
+            return
+        if len(data) > self.max_message:
+            self.drops.add("oversize")
+            return
+        try:
+            message = wire.decode(data, self.tap.mtu)
+        except wire.WireError as err:
+            self.drops.add(err.reason)
+            log.debug("dropped message from %s: %s", link.peer if link else "?", err)
+            return
+        if message.origin == self.origin:
+            return  # our own message came back around
+        for frame in message.frames:
+            try:
+                self.tap.write(frame)
+            except OSError as err:
+                self.drops.add("tap_write")
+                log.debug("writing to %s failed: %s", self.tap.name, err)
+                continue
+            with self._written_lock:
+                self.written.add(len(frame))

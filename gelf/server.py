@@ -1,0 +1,159 @@
+"""The CherryPy application: the relay page, its assets, /stats, and the /ws endpoint.
+
+ws4py's WebSocketPlugin and WebSocketTool turn `/ws` requests into GelfSocket handlers; each
+handler is a Link (see links.py) whose received messages go to Pump.deliver.
+"""
+
+import functools
+import logging
+import socket
+import string
+import sys
+import time
+from pathlib import Path
+
+import cherrypy
+from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
+from ws4py.websocket import WebSocket
+
+from gelf import __version__
+from gelf.links import Link
+
+log = logging.getLogger("gelf.server")
+
+
+def asset_dir(name):
+    """`static/` or `templates/`: beside the package in a checkout, under share/gelf when installed."""
+    for base in (Path(__file__).resolve().parent.parent, Path(sys.prefix) / "share" / "gelf"):
+        candidate = base / name
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("gelf's %s directory is missing from this installation" % name)
+
+
+class SocketLink(Link):
+    """A peer that connected to our /ws: a browser page (or, later, a relay)."""
+
+    kind = "browser"
+
+    def __init__(self, ws, peer, drops):
+        super().__init__(peer, drops)
+        self.ws = ws
+
+    def _transmit(self, message):
+        self.ws.send(message, binary=True)
+
+    def _abort(self):
+        self.ws.close_connection()
+
+
+class GelfSocket(WebSocket):
+    """ws4py handler for one /ws connection, bound to the server's pump and links."""
+
+    def __init__(self, *args, pump, links, drops, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pump = pump
+        self.links = links
+        self.drops = drops
+        self.link = None
+
+    def opened(self):
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (tests may use socketpairs); nothing to tune
+        env = self.environ or {}
+        peer = "%s:%s" % (env.get("REMOTE_ADDR", "?"), env.get("REMOTE_PORT", "?"))
+        self.link = SocketLink(self, peer, self.drops)
+        self.link.start()
+        self.links.add(self.link)
+        log.info("link %d open: %s %s", self.link.id, self.link.kind, peer)
+
+    def once(self):
+        # ws4py would allocate whatever payload length a peer announces; refuse giants up front.
+        if self.reading_buffer_size > self.pump.max_message:
+            self.drops.add("oversize")
+            self.close(1009, "message too big")
+            return False
+        return super().once()
+
+    def received_message(self, message):
+        link = self.link
+        if link is not None:
+            link.rx.add(len(message.data))
+        if not message.is_binary:
+            self.drops.add("text")
+            return
+        self.pump.deliver(message.data, link)
+
+    def closed(self, code, reason=None):
+        link = self.link
+        if link is not None:
+            self.links.remove(link)
+            link.stop()
+            log.info("link %d closed: %s (%s)", link.id, link.peer, code)
+
+
+class Root:
+    """The HTTP side: the relay page and the statistics."""
+
+    def __init__(self, tap, pump, links, drops):
+        self.tap = tap
+        self.pump = pump
+        self.links = links
+        self.drops = drops
+        self.started = time.monotonic()
+        self.page = string.Template((asset_dir("templates") / "index.html").read_text())
+
+    @cherrypy.expose
+    def index(self, **params):
+        return self.page.safe_substitute(dev=self.tap.name, version=__version__)
+
+    @cherrypy.expose
+    def ws(self):
+        """Handled by the WebSocket tool; this body runs only after the upgrade."""
+
+    @cherrypy.expose
+    @cherrypy.tools.json_out()
+    def stats(self):
+        pump = self.pump
+        return {
+            "version": __version__,
+            "uptime": round(time.monotonic() - self.started, 3),
+            "origin": "%08x" % pump.origin,
+            "tap": {
+                "name": self.tap.name,
+                "mtu": self.tap.mtu,
+                "read_frames": pump.read.count,
+                "read_bytes": pump.read.bytes,
+                "written_frames": pump.written.count,
+                "written_bytes": pump.written.bytes,
+            },
+            "drops": self.drops.snapshot(),
+            "links": [link.describe() for link in self.links],
+        }
+
+
+def mount(engine, host, port, tap, pump, links, drops, debug=False):
+    """Configure CherryPy to serve gelf on host:port; the caller starts the engine."""
+    WebSocketPlugin(engine).subscribe()
+    cherrypy.tools.websocket = WebSocketTool()
+    handler = functools.partial(GelfSocket, pump=pump, links=links, drops=drops)
+    cherrypy.config.update({
+        "server.socket_host": host,
+        "server.socket_port": port,
+        "server.shutdown_timeout": 0.5,
+        "engine.autoreload.on": False,
+        "checker.on": False,
+        "log.screen": debug,
+        "request.show_tracebacks": debug,
+    })
+    config = {
+        "/": {"tools.encode.on": True},
+        "/ws": {"tools.websocket.on": True, "tools.websocket.handler_cls": handler},
+        "/static": {
+            "tools.staticdir.on": True,
+            "tools.staticdir.dir": str(asset_dir("static")),
+        },
+    }
+    cherrypy.tree.mount(Root(tap, pump, links, drops), "/", config)

@@ -1,0 +1,40 @@
+"""Counters shared by the data path, read by /stats."""
+
+import threading
+import time
+
+DROP_REASONS = ("text", "empty", "oversize", "malformed", "unknown_type", "queue_full", "tap_write")
+
+
+class Drops:
+    """Dropped messages by reason; thread-safe because every link thread counts here."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(DROP_REASONS, 0)
+
+    def add(self, reason, n=1):
+        with self._lock:
+            self._counts[reason] = self._counts.get(reason, 0) + n
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self._counts)
+
+
+class Traffic:
+    """Messages/frames and bytes in one direction. Only one thread writes each instance."""
+
+    __slots__ = ("count", "bytes")
+
+    def __init__(self):
+        self.count = 0
+        self.bytes = 0
+
+    def add(self, nbytes, n=1):
+        self.count += n
+        self.bytes += nbytes
+
+
+def uptime_since(started):
+    return round(time.monotonic() - started, 3)

@@ -1,0 +1,85 @@
+"""The tap device: the one place gelf touches the kernel's Ethernet side.
+
+Made and configured with python-pytun. Every failure a user can cause (not root, no
+/dev/net/tun, name taken, MTU refused) becomes a TapError with a one-line explanation.
+"""
+
+import errno
+import fcntl
+import os
+
+import pytun
+
+MIN_MTU = 68
+MAX_MTU = 65535
+# Room for the Ethernet header and one 802.1Q tag on top of the MTU.
+FRAME_OVERHEAD = 18
+
+
+class TapError(Exception):
+    """A tap that cannot be made or configured, explained for the user."""
+
+
+def _explain(err, name):
+    code = err.args[0] if err.args and isinstance(err.args[0], int) else None
+    if code == errno.ENOENT:
+        return "/dev/net/tun not found: load the tun module (modprobe tun)"
+    if code in (errno.EPERM, errno.EACCES):
+        return "permission denied creating a tap: run gelf as root (or with CAP_NET_ADMIN)"
+    if code == errno.EBUSY:
+        return "interface %s is already in use" % name
+    if code == errno.EINVAL:
+        return "cannot create tap %s: the kernel refused the name" % name
+    return "cannot create tap %s: %s" % (name, err.args[-1] if err.args else err)
+
+
+class Tap:
+    """A non-persistent tap (IFF_TAP | IFF_NO_PI), up, with its MTU set.
+
+    Closing it destroys the interface, wherever it has been moved since (another
+    network namespace, a bridge).
+    """
+
+    def __init__(self, name=None, mtu=1500):
+        if not MIN_MTU <= mtu <= MAX_MTU:
+            raise TapError("MTU %d is out of range (%d..%d)" % (mtu, MIN_MTU, MAX_MTU))
+        if name is not None:
+            if not name or len(name) > 15 or "/" in name or "%" in name or name != name.strip() or " " in name:
+                raise TapError("invalid interface name %r (1-15 characters, no '/', '%%' or spaces)" % name)
+            if os.path.exists(os.path.join("/sys/class/net", name)):
+                raise TapError("interface %s already exists" % name)
+        try:
+            self._dev = pytun.TunTapDevice(name=name or "tap%d", flags=pytun.IFF_TAP | pytun.IFF_NO_PI)
+        except pytun.Error as err:
+            raise TapError(_explain(err, name or "tap%d")) from None
+        self.name = self._dev.name
+        try:
+            self._dev.mtu = mtu
+            self._dev.up()
+        except pytun.Error as err:
+            self._dev.close()
+            raise TapError("cannot set MTU %d on %s: %s" % (mtu, self.name, err.args[-1])) from None
+        self.mtu = mtu
+        self.read_size = mtu + FRAME_OVERHEAD
+        self._fd = self._dev.fileno()
+        # Non-blocking, so the reader can drain every ready frame into one batch.
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+    def fileno(self):
+        return self._fd
+
+    def read(self):
+        """One frame, or None when no frame is ready."""
+        try:
+            return os.read(self._fd, self.read_size)
+        except BlockingIOError:
+            return None
+
+    def write(self, frame):
+        os.write(self._fd, frame)
+
+    def close(self):
+        if self._fd is not None:
+            self._fd = None
+            self._dev.close()

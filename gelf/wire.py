@@ -1,0 +1,126 @@
+"""The gelf wire format, version 1 (written down byte by byte in docs/design.md).
+
+One binary WebSocket message is one gelf message: a 16-byte header (version, type, flags,
+origin, seq) and a body of length-prefixed Ethernet frames. The header leaves room for what
+the transport needs beyond carrying frames: SEALED (AES-GCM, the header doubling as nonce and
+associated data), origin/seq (loop and replay suppression) and OFFLOAD (GSO super-frames).
+"""
+
+import struct
+from typing import List, NamedTuple
+
+VERSION = 1
+
+TYPE_DATA = 0
+TYPE_CONTROL = 1
+
+FLAG_SEALED = 0x01
+FLAG_OFFLOAD = 0x02
+KNOWN_FLAGS = FLAG_SEALED | FLAG_OFFLOAD
+
+HEADER = struct.Struct("!BBBxIQ")
+HEADER_SIZE = HEADER.size  # 16
+RECORD = struct.Struct("!I")
+TAG_SIZE = 16
+
+ETH_HEADER = 14
+VLAN_TAG = 4
+VNET_HDR = 12
+
+# What one sender packs into one message: a small batch keeps latency low and the page's
+# per-message cost (which rules the browser path) amortised.
+BATCH_FRAMES = 64
+BATCH_BYTES = 65536
+
+
+class WireError(ValueError):
+    """A message that is not a valid gelf message; `reason` names its drop counter."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail or reason)
+        self.reason = reason
+
+
+class Message(NamedTuple):
+    version: int
+    type: int
+    flags: int
+    origin: int
+    seq: int
+    frames: List[bytes]
+
+
+def max_frame(mtu: int, flags: int = 0) -> int:
+    """Largest frame a receiver accepts: MTU + Ethernet header + one 802.1Q tag."""
+    limit = mtu + ETH_HEADER + VLAN_TAG
+    if flags & FLAG_OFFLOAD:
+        limit = max(limit, 65535 + ETH_HEADER + VLAN_TAG) + VNET_HDR
+    return limit
+
+
+def max_message(mtu: int) -> int:
+    """Largest message a receiver accepts (see docs/design.md)."""
+    return HEADER_SIZE + TAG_SIZE + BATCH_BYTES + RECORD.size + max_frame(mtu, FLAG_OFFLOAD)
+
+
+def pack_header(type_: int, flags: int, origin: int, seq: int) -> bytes:
+    return HEADER.pack(VERSION, type_, flags, origin, seq)
+
+
+def pack_frames(frames) -> bytes:
+    """The DATA body: each frame preceded by its 4-byte length."""
+    parts = []
+    for frame in frames:
+        parts.append(RECORD.pack(len(frame)))
+        parts.append(frame)
+    return b"".join(parts)
+
+
+def encode(frames, origin: int, seq: int, flags: int = 0, type: int = TYPE_DATA) -> bytes:
+    """An unsealed message carrying `frames` (sealing lives with the key, see crypto)."""
+    return pack_header(type, flags, origin, seq) + pack_frames(frames)
+
+
+def parse_header(data) -> Message:
+    """Check the header of `data`; returns a Message with no frames yet."""
+    if len(data) < HEADER_SIZE:
+        raise WireError("malformed", "message shorter than the header")
+    version, type_, flags, origin, seq = HEADER.unpack_from(data)
+    if version != VERSION:
+        raise WireError("malformed", "unknown version %d" % version)
+    if flags & ~KNOWN_FLAGS:
+        raise WireError("malformed", "unknown flags 0x%02x" % flags)
+    return Message(version, type_, flags, origin, seq, [])
+
+
+def split_frames(body, frame_limit: int) -> List[bytes]:
+    """The frames of a DATA body, each checked against [14, frame_limit] bytes."""
+    frames = []
+    view = memoryview(body)
+    pos, end = 0, len(view)
+    if end == 0:
+        raise WireError("malformed", "no frame in the message")
+    while pos < end:
+        if end - pos < RECORD.size:
+            raise WireError("malformed", "truncated record length")
+        (length,) = RECORD.unpack_from(view, pos)
+        pos += RECORD.size
+        if length > frame_limit:
+            raise WireError("oversize", "frame of %d bytes" % length)
+        if length < ETH_HEADER:
+            raise WireError("malformed", "runt frame of %d bytes" % length)
+        if pos + length > end:
+            raise WireError("malformed", "record runs past the end of the message")
+        frames.append(bytes(view[pos:pos + length]))
+        pos += length
+    return frames
+
+
+def decode(data, mtu: int = 1500) -> Message:
+    """Parse an unsealed DATA message (the receive path with a key uses crypto first)."""
+    msg = parse_header(data)
+    if msg.flags & FLAG_SEALED:
+        raise WireError("malformed", "sealed message, no key to open it")
+    if msg.type != TYPE_DATA:
+        raise WireError("unknown_type", "message type %d" % msg.type)
+    return msg._replace(frames=split_frames(memoryview(data)[HEADER_SIZE:], max_frame(mtu, msg.flags)))
