@@ -1,0 +1,51 @@
+"""The command line parser and the tap wrapper's own checks (no root needed)."""
+
+import pytest
+
+from gelf.cli import build_parser
+from gelf.tap import Tap, TapError, _explain
+
+
+def parse(*argv):
+    return build_parser().parse_args(list(argv))
+
+
+def test_defaults_follow_the_seed():
+    args = parse("7001")
+    assert (args.port, args.host, args.dev, args.mtu, args.debug) == (7001, "127.0.0.1", None, 1500, False)
+
+
+def test_all_flags():
+    args = parse("--host", "0.0.0.0", "--dev", "ethws0", "--mtu", "9000", "-d", "7002")
+    assert (args.host, args.dev, args.mtu, args.debug, args.port) == ("0.0.0.0", "ethws0", 9000, True, 7002)
+
+
+@pytest.mark.parametrize("argv", [["0"], ["70000"], ["http"], ["--mtu", "0", "7001"],
+                                  ["--mtu", "70000", "7001"], ["--mtu", "abc", "7001"], []])
+def test_bad_arguments_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(*argv)
+    assert exit_.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["", "x" * 16, "a/b", "tap 0", "tap%d"])
+def test_bad_tap_names_are_refused_before_touching_the_kernel(name):
+    with pytest.raises(TapError, match="invalid interface name"):
+        Tap(name)
+
+
+def test_existing_interface_name_is_refused():
+    with pytest.raises(TapError, match="lo already exists"):
+        Tap("lo")
+
+
+def test_mtu_out_of_range_is_refused():
+    with pytest.raises(TapError, match="out of range"):
+        Tap("gtx0", mtu=10)
+
+
+@pytest.mark.parametrize("errno_, words", [(1, "run gelf as root"), (2, "modprobe tun"),
+                                           (16, "already in use"), (22, "refused the name")])
+def test_kernel_errors_are_explained(errno_, words):
+    assert words in _explain(OSError(errno_, "x"), "tap9")
