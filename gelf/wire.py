@@ -58,9 +58,10 @@ def max_frame(mtu: int, flags: int = 0) -> int:
     return limit
 
 
-def max_message(mtu: int) -> int:
-    """Largest message a receiver accepts (see docs/design.md)."""
-    return HEADER_SIZE + TAG_SIZE + BATCH_BYTES + RECORD.size + max_frame(mtu, FLAG_OFFLOAD)
+def max_message(mtu: int, flags: int = FLAG_OFFLOAD) -> int:
+    """Largest message a receiver accepts (see docs/design.md). Without `flags`, the largest
+    of any kind: the cap a socket enforces before it knows what the message is."""
+    return HEADER_SIZE + TAG_SIZE + BATCH_BYTES + BATCH_FRAMES * RECORD.size + max_frame(mtu, flags)
 
 
 def pack_header(type_: int, flags: int, origin: int, seq: int) -> bytes:
@@ -119,6 +120,8 @@ def split_frames(body, frame_limit: int) -> List[bytes]:
 def decode(data, mtu: int = 1500) -> Message:
     """Parse an unsealed DATA message (the receive path with a key uses crypto first)."""
     msg = parse_header(data)
+    if len(data) > max_message(mtu, msg.flags):
+        raise WireError("oversize", "message of %d bytes" % len(data))
     if msg.flags & FLAG_SEALED:
         raise WireError("malformed", "sealed message, no key to open it")
     if msg.type != TYPE_DATA:

@@ -37,8 +37,10 @@ def test_decode_example():
 
 
 def test_batch_round_trip():
-    frames = [bytes([i]) * (14 + i * 37) for i in range(64)]
-    msg = wire.decode(wire.encode(frames, origin=7, seq=2**64 - 1), mtu=9000)
+    # The largest batch a sender makes: 64 KiB of frames, then one more maximal frame.
+    frames = [bytes([i]) * 1040 for i in range(63)] + [b"\xee" * 1518]
+    assert sum(map(len, frames[:-1])) < wire.BATCH_BYTES
+    msg = wire.decode(wire.encode(frames, origin=7, seq=2**64 - 1), mtu=1500)
     assert msg.frames == frames and msg.seq == 2**64 - 1
 
 
@@ -58,6 +60,15 @@ def test_invalid_messages_are_named(data, reason):
     with pytest.raises(wire.WireError) as err:
         wire.decode(data, mtu=1500)
     assert err.value.reason == reason
+
+
+def test_message_limit_depends_on_the_flags():
+    many_small = wire.encode([b"s" * 100] * 700, 1, 1)  # 72 KiB of valid frames: over the limit
+    with pytest.raises(wire.WireError) as err:
+        wire.decode(many_small, mtu=1500)
+    assert err.value.reason == "oversize"
+    batch = wire.encode([b"b" * 1000] * 65, 1, 1)  # a full batch plus one frame is fine
+    assert len(wire.decode(batch, mtu=1500).frames) == 65
 
 
 def test_largest_regular_frame_is_accepted():
