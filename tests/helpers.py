@@ -1,0 +1,355 @@
+"""Shared helpers for the gelf system tests: servers, namespaces, ping, wire bytes.
+
+Everything here talks only to 127.0.0.1 or to addresses inside network namespaces that the
+tests create themselves, and every wait is bounded.
+"""
+
+import itertools
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+_counter = itertools.count(1)
+
+
+def unique(prefix):
+    return f"{prefix}{next(_counter)}"
+
+
+def tap_name():
+    """A short, session-unique tap name (at most 15 characters)."""
+    return f"gt{os.getpid() % 1000}x{next(_counter)}"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(cmd, check=True, timeout=30, **kw):
+    """Run a short command; return CompletedProcess with text output."""
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} -> {res.returncode}\n{res.stdout}{res.stderr}")
+    return res
+
+
+def wait_for(pred, timeout, interval=0.1, what="condition"):
+    """Poll pred() until it returns a truthy value; return it, or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        val = pred()
+        if val:
+            return val
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def iface_exists(name, ns=None):
+    if ns is None:
+        return os.path.exists(f"/sys/class/net/{name}")
+    return run(["ip", "-n", ns, "link", "show", "dev", name], check=False).returncode == 0
+
+
+def port_bindable(port):
+    """True if a new server could listen on 127.0.0.1:port right now (as servers do: SO_REUSEADDR)."""
+    s = socket.socket()
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen(1)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+class LogPump:
+    """Drains a process's output (so the pipe never fills) into memory and a file."""
+
+    def __init__(self, stream, path=None, label=""):
+        self.lines = []
+        self.cond = threading.Condition()
+        self.path = path
+        self.label = label
+        self._file = open(path, "a", buffering=1) if path else None
+        self.thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _run(self, stream):
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+            if self._file:
+                self._file.write(line + "\n")
+        stream.close()
+
+    def wait_line(self, pattern, timeout, start=0, alive=lambda: True):
+        """Wait for a line (from index start on) matching regex pattern; return the match or None."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = start
+        with self.cond:
+            while True:
+                for line in self.lines[seen:]:
+                    m = rx.search(line)
+                    if m:
+                        return m
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0 or (not alive() and not self.thread.is_alive()):
+                    return None
+                self.cond.wait(min(left, 0.2))
+
+    def text(self):
+        with self.cond:
+            return "\n".join(self.lines)
+
+
+class GelfServer:
+    """One gelf server process: `python gelf.py --host 127.0.0.1 --dev DEV --mtu MTU PORT`."""
+
+    def __init__(self, dev, port, mtu=1500, debug=True, log_dir=None, extra=()):
+        self.dev = dev
+        self.port = port
+        self.mtu = mtu
+        self.debug = debug
+        self.extra = list(extra)
+        self.proc = None
+        self.log_path = Path(log_dir) / f"gelf-{dev}-{port}.log" if log_dir else None
+        self.logs = []  # one LogPump per start
+        self.ns = None  # namespace the tap was moved into, if any
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self):
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def cmd(self):
+        c = [PYTHON, "gelf.py", "--host", "127.0.0.1", "--dev", self.dev, "--mtu", str(self.mtu)]
+        if self.debug:
+            c.append("-d")
+        return c + self.extra + [str(self.port)]
+
+    def start(self, timeout=10):
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        self.proc = subprocess.Popen(
+            self.cmd(), cwd=REPO, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        log = LogPump(self.proc.stdout, self.log_path, label=f"{self.dev}:{self.port}")
+        self.logs.append(log)
+        ok = log.wait_line(
+            rf"\[Gelf\] Relay listening: 127\.0\.0\.1 {self.port}\b", timeout,
+            alive=lambda: self.proc.poll() is None,
+        )
+        if not ok:
+            self.kill()
+            raise RuntimeError(
+                f"gelf server {self.dev} on port {self.port} did not start within {timeout}s "
+                f"(rc={self.proc.returncode}); log:\n{self.log_text()}"
+            )
+        if not log.wait_line(rf"\[Gelf\] Created interface: {re.escape(self.dev)}\b", 0.1):
+            raise RuntimeError(f"no 'Created interface: {self.dev}' line; log:\n{self.log_text()}")
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stats(self, timeout=5):
+        with urllib.request.urlopen(self.url + "/stats", timeout=timeout) as r:
+            return json.loads(r.read().decode())
+
+    def signal(self, sig):
+        if self.alive():
+            self.proc.send_signal(sig)
+
+    def stop(self, timeout=5):
+        """SIGTERM and wait; SIGKILL if it does not exit. Returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._join_logs()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self._join_logs()
+
+    def _join_logs(self):
+        if self.logs:
+            self.logs[-1].thread.join(2)
+
+    def log_text(self):
+        parts = []
+        for i, log in enumerate(self.logs):
+            parts.append(f"--- start #{i + 1} ---\n{log.text()}")
+        return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- namespaces
+
+def netns_add(name):
+    run(["ip", "netns", "add", name])
+
+
+def netns_del(name):
+    """Kill what the tests left running inside the namespace, then delete it."""
+    res = run(["ip", "netns", "pids", name], check=False)
+    for pid in res.stdout.split():
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+    run(["ip", "netns", "del", name], check=False)
+
+
+def move_tap(dev, ns, addr, prefix=24, mac=None):
+    """Move a tap (created by a server in the root namespace) into ns and give it addr."""
+    wait_for(lambda: iface_exists(dev), 5, what=f"{dev} in the root namespace")
+    if mac:
+        run(["ip", "link", "set", "dev", dev, "address", mac])
+    run(["ip", "link", "set", "dev", dev, "netns", ns])
+    run(["ip", "-n", ns, "addr", "add", f"{addr}/{prefix}", "dev", dev])
+    run(["ip", "-n", ns, "link", "set", dev, "up"])
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+
+
+def link_mac(dev, ns):
+    info = json.loads(run(["ip", "-n", ns, "-j", "link", "show", "dev", dev]).stdout)
+    return info[0]["address"]
+
+
+# ---------------------------------------------------------------- ping
+
+_LOSS = re.compile(r"([\d.]+)% packet loss")
+
+
+def parse_loss(output):
+    m = _LOSS.search(output)
+    if not m:
+        raise AssertionError(f"cannot parse ping output:\n{output}")
+    return float(m.group(1))
+
+
+def ping_cmd(ns, addr, count, interval=0.2, wait=1):
+    return ["ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-i", str(interval),
+            "-W", str(wait), addr]
+
+
+def ping(ns, addr, count=20, interval=0.2, wait=1):
+    """Ping addr from namespace ns; return (loss percent, output)."""
+    res = run(ping_cmd(ns, addr, count, interval, wait), check=False,
+              timeout=count * interval + wait + 20)
+    out = res.stdout + res.stderr
+    return parse_loss(out), out
+
+
+def wait_ping(ns, addr, timeout=15):
+    """Wait until one ping from ns to addr is answered (ARP and links settle). Bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = run(ping_cmd(ns, addr, 1, wait=1), check=False, timeout=10)
+        if res.returncode == 0:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# ---------------------------------------------------------------- wire format (docs/design.md)
+
+VERSION = 1
+TYPE_DATA = 0
+TYPE_CONTROL = 1
+
+
+def encode(frames, origin, seq, flags=0, type=TYPE_DATA, version=VERSION):
+    """A gelf message built by hand from the documented wire format (not from gelf.wire)."""
+    body = b"".join(struct.pack(">I", len(f)) + f for f in frames)
+    return struct.pack(">BBBBIQ", version, type, flags, 0, origin, seq) + body
+
+
+def eth_frame(payload, dst=b"\xff" * 6, src=b"\x02GELF\x01", ethertype=0x88B5):
+    payload = payload + b"\x00" * max(0, 46 - len(payload))
+    return dst + src + struct.pack(">H", ethertype) + payload
+
+
+def chromium_available():
+    return os.path.exists(CHROMIUM) and shutil.which(CHROMIUM) is not None
+
+
+# ---------------------------------------------------------------- the page (templates/, static/)
+
+def link_selector(port, host="127.0.0.1"):
+    return f'li.link[data-url="ws://{host}:{port}/ws"]'
+
+
+def link_state(page, port):
+    loc = page.locator(link_selector(port) + " .state")
+    if loc.count() == 0:
+        return None
+    return loc.first.text_content().strip()
+
+
+def wait_link_state(page, port, state="open", timeout=10):
+    """Wait until the page's link to 127.0.0.1:port shows `state` (or, with state=None, any
+    state other than open)."""
+    js = """([sel, st]) => {
+        const e = document.querySelector(sel + ' .state');
+        if (!e) return false;
+        const t = e.textContent.trim();
+        return st === null ? t !== 'open' : t === st;
+    }"""
+    page.wait_for_function(js, arg=[link_selector(port), state], timeout=timeout * 1000,
+                           polling=100)
+
+
+def link_counter(page, port, name):
+    """Raw integer of .rx-frames / .rx-bytes / .tx-frames / .tx-bytes (data-value)."""
+    v = page.locator(f"{link_selector(port)} .{name}").first.get_attribute("data-value")
+    return int(v)
+
+
+def add_peer(page, port, host="127.0.0.1"):
+    """Add a link through the page's form: type host:port and submit."""
+    page.fill("#peer-input", f"{host}:{port}")
+    page.locator("#add-form button:not([type=button]):not([type=reset]), "
+                 "#add-form input[type=submit]").first.click()
