@@ -2,13 +2,19 @@
 
 import argparse
 import errno
+import grp
+import ipaddress
 import logging
+import os
+import pwd
 import socket
+import ssl
 import sys
 
 import cherrypy
+from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, server
+from gelf import __version__, keys, server, wire
 from gelf.links import LinkSet
 from gelf.pump import Pump
 from gelf.stats import Drops
@@ -55,6 +61,24 @@ def build_parser():
                         help="name of the tap device to create (default: the first free tapN)")
     parser.add_argument("--mtu", type=_mtu, default=1500,
                         help="MTU of the tap; frames up to MTU+18 bytes are carried (default: %(default)s)")
+    security = parser.add_argument_group("security")
+    security.add_argument("--enc", action="store_true",
+                          help="encrypt frames end to end (AES-GCM) with a new random 128-bit key, printed "
+                          "at start; give it to the other servers with --key")
+    security.add_argument("--key", metavar="HEX",
+                          help="encrypt with this key (32 or 64 hex digits); implies --enc. Visible in ps: "
+                          "prefer --key-file")
+    security.add_argument("--key-file", metavar="PATH",
+                          help="read the key (hex) from PATH, which must not be readable by group or others")
+    security.add_argument("--token", metavar="SECRET",
+                          help="require ?token=SECRET on the page and on /ws (403 otherwise)")
+    security.add_argument("--token-file", metavar="PATH",
+                          help="read the token from PATH (mode 0600), so it stays out of ps")
+    security.add_argument("--ssl-cert", metavar="FILE", help="serve https and wss with this certificate (PEM)")
+    security.add_argument("--ssl-key", metavar="FILE", help="private key (PEM) for --ssl-cert")
+    security.add_argument("--user", metavar="NAME",
+                          help="drop root to this user once the tap exists and the port is bound")
+    security.add_argument("--group", metavar="NAME", help="group for --user (default: the user's own group)")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="log every link event and dropped message, and CherryPy's own log")
     parser.add_argument("--version", action="version", version="gelf " + __version__)
@@ -91,22 +115,102 @@ def check_port(host, port):
             raise UserError("cannot listen on %s port %d: %s" % (host, port, err.strerror)) from None
 
 
+def load_key(args):
+    """The AES key, or None; announces it as the seed did."""
+    if args.key and args.key_file:
+        raise UserError("give either --key or --key-file, not both")
+    if args.key_file:
+        key = keys.parse_key(keys.read_secret_file(args.key_file, "key"), args.key_file)
+    elif args.key:
+        key = keys.parse_key(args.key)
+    elif args.enc:
+        key = keys.generate_key()
+        log.info("Encryption key: %s", key.hex())
+        return key
+    else:
+        return None
+    log.info("Encryption enabled")
+    return key
+
+
+def load_token(args):
+    if args.token and args.token_file:
+        raise UserError("give either --token or --token-file, not both")
+    if args.token_file:
+        return keys.read_secret_file(args.token_file, "token")
+    if args.token is not None and not args.token:
+        raise UserError("--token must not be empty")
+    return args.token
+
+
+def load_tls(args):
+    """(cert, key) after checking that they load together, or None."""
+    if not args.ssl_cert and not args.ssl_key:
+        return None
+    if not (args.ssl_cert and args.ssl_key):
+        raise UserError("--ssl-cert and --ssl-key go together")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.ssl_cert, args.ssl_key)
+    except (OSError, ssl.SSLError) as err:
+        raise UserError("cannot use certificate %s with key %s: %s"
+                        % (args.ssl_cert, args.ssl_key, getattr(err, "strerror", None) or err)) from None
+    return args.ssl_cert, args.ssl_key
+
+
+def lookup_ids(args):
+    """(uid, gid) for --user/--group, or None."""
+    if not args.user:
+        if args.group:
+            raise UserError("--group needs --user")
+        return None
+    if os.geteuid() != 0:
+        raise UserError("--user needs gelf to be started as root")
+    try:
+        entry = pwd.getpwnam(args.user)
+    except KeyError:
+        raise UserError("no such user: %s" % args.user) from None
+    gid = entry.pw_gid
+    if args.group:
+        try:
+            gid = grp.getgrnam(args.group).gr_gid
+        except KeyError:
+            raise UserError("no such group: %s" % args.group) from None
+    return entry.pw_uid, gid
+
+
+def is_loopback(host):
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def run(args):
+    sealer = wire.Sealer(key) if (key := load_key(args)) else None
+    token = load_token(args)
+    tls = load_tls(args)
+    ids = lookup_ids(args)
     check_port(args.host, args.port)
     tap = Tap(args.dev, args.mtu)
     log.info("Created interface: %s", tap.name)
     engine = cherrypy.engine
     links = LinkSet()
     drops = Drops()
-    pump = Pump(tap, links, drops)
+    pump = Pump(tap, links, drops, sealer=sealer)
     try:
-        server.mount(engine, args.host, args.port, tap, pump, links, drops, debug=args.debug)
+        server.mount(engine, args.host, args.port, tap, pump, links, drops,
+                     debug=args.debug, token=token, tls=tls)
+        if ids:
+            DropPrivileges(engine, uid=ids[0], gid=ids[1]).subscribe()
         engine.signal_handler.handlers = {"SIGTERM": engine.exit, "SIGINT": engine.exit}
         engine.signal_handler.subscribe()
         engine.subscribe("stop", pump.stop)
         engine.start()
         pump.start()
         log.info("Relay listening: %s %d", args.host, args.port)
+        if not (sealer or token or is_loopback(args.host)):
+            log.warning("warning: listening on %s with neither a key nor a token: anyone who can reach "
+                        "port %d can put frames on this network", args.host, args.port)
         engine.block()
     finally:
         pump.stop()
@@ -119,7 +223,7 @@ def main(argv=None):
     setup_logging(args.debug)
     try:
         run(args)
-    except (UserError, TapError) as err:
+    except (UserError, TapError, keys.SecretError) as err:
         print("gelf: error: %s" % err, file=sys.stderr)
         return 1
     except KeyboardInterrupt:

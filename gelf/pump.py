@@ -13,16 +13,30 @@ import threading
 import time
 
 from gelf import wire
+from gelf.seen import SeenFilter
 from gelf.stats import Traffic
 
 log = logging.getLogger("gelf.pump")
 
 POLL_MS = 200  # how quickly the reader notices a stop request
+MAX_WARNINGS = 256  # distinct (reason, origin) pairs warned about, so bad peers cannot flood the log
+
+WARNINGS = {
+    "auth": "messages from origin %s (via %s) fail authentication: its key does not match this "
+            "server's; dropping them",
+    "not_sealed": "origin %s (via %s) sends unencrypted frames but this server has a key: the key "
+                  "does not match (give it the same --key); dropping them",
+    "no_key": "origin %s (via %s) sends encrypted frames but this server has no key: the key does "
+              "not match (start it with the same --key); dropping them",
+}
 
 
 class Pump:
-    def __init__(self, tap, links, drops, origin=None):
+    def __init__(self, tap, links, drops, origin=None, sealer=None):
         self.tap = tap
+        self.sealer = sealer
+        self.seen = SeenFilter()
+        self._warned = set()
         self.links = links
         self.drops = drops
         self.origin = origin if origin is not None else int.from_bytes(os.urandom(4), "big")
@@ -55,7 +69,7 @@ class Pump:
             frames = self._drain()
             if frames:
                 self.seq += 1
-                self.links.offer(wire.encode(frames, self.origin, self.seq))
+                self.links.offer(wire.encode(frames, self.origin, self.seq, sealer=self.sealer))
 
     def _drain(self):
         """Every frame ready on the tap, up to one batch (wire.BATCH_FRAMES / BATCH_BYTES)."""
@@ -85,13 +99,18 @@ class Pump:
             self.drops.add("oversize")
             return
         try:
-            message = wire.decode(data, self.tap.mtu)
+            message = wire.decode(data, self.tap.mtu, self.sealer)
         except wire.WireError as err:
             self.drops.add(err.reason)
+            self._warn_once(err.reason, data, link)
             log.debug("dropped message from %s: %s", link.peer if link else "?", err)
             return
         if message.origin == self.origin:
-            return  # our own message came back around
+            self.drops.add("loop")  # our own message came back around
+            return
+        if not self.seen.fresh(message.origin, message.seq):
+            self.drops.add("replay")  # a replay, or a copy that came by another path
+            return
         for frame in message.frames:
             try:
                 self.tap.write(frame)
@@ -101,3 +120,14 @@ class Pump:
                 continue
             with self._written_lock:
                 self.written.add(len(frame))
+
+    def _warn_once(self, reason, data, link):
+        """One warning per misconfigured peer (origin), not one per message."""
+        text = WARNINGS.get(reason)
+        if text is None or len(self._warned) >= MAX_WARNINGS:
+            return
+        origin = bytes(data[4:8]).hex()
+        if (reason, origin) in self._warned:
+            return
+        self._warned.add((reason, origin))
+        log.warning(text, origin, "link %d %s" % (link.id, link.peer) if link else "?")

@@ -5,6 +5,7 @@ handler is a Link (see links.py) whose received messages go to Pump.deliver.
 """
 
 import functools
+import hmac
 import logging
 import socket
 import string
@@ -110,17 +111,18 @@ class Root:
         return self.page.safe_substitute(dev=self.tap.name, version=__version__)
 
     @cherrypy.expose
-    def ws(self):
+    def ws(self, **params):
         """Handled by the WebSocket tool; this body runs only after the upgrade."""
 
     @cherrypy.expose
     @cherrypy.tools.json_out()
-    def stats(self):
+    def stats(self, **params):
         pump = self.pump
         return {
             "version": __version__,
             "uptime": round(time.monotonic() - self.started, 3),
             "origin": "%08x" % pump.origin,
+            "encryption": pump.sealer is not None,
             "tap": {
                 "name": self.tap.name,
                 "mtu": self.tap.mtu,
@@ -134,12 +136,24 @@ class Root:
         }
 
 
-def mount(engine, host, port, tap, pump, links, drops, debug=False):
-    """Configure CherryPy to serve gelf on host:port; the caller starts the engine."""
+def check_token(expected, drops):
+    """Refuse (403) a request whose `token` query parameter is not the server's token."""
+    given = cherrypy.serving.request.params.get("token")
+    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
+        drops.add("forbidden")
+        raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")
+
+
+def mount(engine, host, port, tap, pump, links, drops, debug=False, token=None, tls=None):
+    """Configure CherryPy to serve gelf on host:port; the caller starts the engine.
+
+    `tls` is (certificate file, private key file) to serve https and wss.
+    """
     WebSocketPlugin(engine).subscribe()
     cherrypy.tools.websocket = WebSocketTool()
+    cherrypy.tools.gelf_token = cherrypy.Tool("on_start_resource", check_token, priority=10)
     handler = functools.partial(GelfSocket, pump=pump, links=links, drops=drops)
-    cherrypy.config.update({
+    settings = {
         "server.socket_host": host,
         "server.socket_port": port,
         "server.shutdown_timeout": 0.5,
@@ -147,11 +161,23 @@ def mount(engine, host, port, tap, pump, links, drops, debug=False):
         "checker.on": False,
         "log.screen": debug,
         "request.show_tracebacks": debug,
-    })
+    }
+    if tls:
+        settings.update({
+            "server.ssl_module": "builtin",
+            "server.ssl_certificate": tls[0],
+            "server.ssl_private_key": tls[1],
+        })
+    cherrypy.config.update(settings)
+    root = {"tools.encode.on": True}
+    if token:
+        root.update({"tools.gelf_token.on": True, "tools.gelf_token.expected": token,
+                     "tools.gelf_token.drops": drops})
     config = {
-        "/": {"tools.encode.on": True},
+        "/": root,
         "/ws": {"tools.websocket.on": True, "tools.websocket.handler_cls": handler},
         "/static": {
+            "tools.gelf_token.on": False,
             "tools.staticdir.on": True,
             "tools.staticdir.dir": str(asset_dir("static")),
         },

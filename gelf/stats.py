@@ -3,7 +3,8 @@
 import threading
 import time
 
-DROP_REASONS = ("text", "empty", "oversize", "malformed", "unknown_type", "queue_full", "tap_write")
+DROP_REASONS = ("text", "empty", "oversize", "malformed", "unknown_type", "auth", "not_sealed", "no_key",
+                "replay", "loop", "forbidden", "queue_full", "tap_write")
 
 
 class Drops:

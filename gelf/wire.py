@@ -9,6 +9,8 @@ associated data), origin/seq (loop and replay suppression) and OFFLOAD (GSO supe
 import struct
 from typing import List, NamedTuple
 
+from Crypto.Cipher import AES
+
 VERSION = 1
 
 TYPE_DATA = 0
@@ -77,9 +79,41 @@ def pack_frames(frames) -> bytes:
     return b"".join(parts)
 
 
-def encode(frames, origin: int, seq: int, flags: int = 0, type: int = TYPE_DATA) -> bytes:
-    """An unsealed message carrying `frames` (sealing lives with the key, see crypto)."""
-    return pack_header(type, flags, origin, seq) + pack_frames(frames)
+class Sealer:
+    """AES-GCM under one key. The header is both the nonce (bytes 4..16: origin and seq,
+    unique per message) and the associated data (bytes 0..16), so it stays readable for
+    relays but cannot be altered."""
+
+    def __init__(self, key: bytes):
+        if len(key) not in (16, 32):
+            raise ValueError("AES-GCM key must be 16 or 32 bytes")
+        self._key = bytes(key)
+
+    def seal(self, header: bytes, body: bytes) -> bytes:
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=header[4:HEADER_SIZE], mac_len=TAG_SIZE)
+        cipher.update(header)
+        ciphertext, tag = cipher.encrypt_and_digest(body)
+        return header + ciphertext + tag
+
+    def open(self, data) -> bytes:
+        """The plaintext body of sealed message `data`, or WireError('auth')."""
+        if len(data) < HEADER_SIZE + TAG_SIZE:
+            raise WireError("auth", "sealed message too short")
+        view = memoryview(data)
+        header = view[:HEADER_SIZE]
+        cipher = AES.new(self._key, AES.MODE_GCM, nonce=header[4:], mac_len=TAG_SIZE)
+        cipher.update(header)
+        try:
+            return cipher.decrypt_and_verify(view[HEADER_SIZE:-TAG_SIZE], view[-TAG_SIZE:])
+        except ValueError:
+            raise WireError("auth", "authentication failed") from None
+
+
+def encode(frames, origin: int, seq: int, flags: int = 0, type: int = TYPE_DATA, sealer: Sealer = None) -> bytes:
+    """A message carrying `frames`, sealed when a sealer (a key) is given."""
+    if sealer is None:
+        return pack_header(type, flags, origin, seq) + pack_frames(frames)
+    return sealer.seal(pack_header(type, flags | FLAG_SEALED, origin, seq), pack_frames(frames))
 
 
 def parse_header(data) -> Message:
@@ -117,13 +151,21 @@ def split_frames(body, frame_limit: int) -> List[bytes]:
     return frames
 
 
-def decode(data, mtu: int = 1500) -> Message:
-    """Parse an unsealed DATA message (the receive path with a key uses crypto first)."""
+def decode(data, mtu: int = 1500, sealer: Sealer = None) -> Message:
+    """Parse (and, with a key, authenticate and decrypt) a DATA message.
+
+    With a key, unsealed messages are refused (`not_sealed`); without one, sealed messages
+    are (`no_key`): a mismatch in configuration never lets a frame through.
+    """
     msg = parse_header(data)
     if len(data) > max_message(mtu, msg.flags):
         raise WireError("oversize", "message of %d bytes" % len(data))
-    if msg.flags & FLAG_SEALED:
-        raise WireError("malformed", "sealed message, no key to open it")
     if msg.type != TYPE_DATA:
         raise WireError("unknown_type", "message type %d" % msg.type)
-    return msg._replace(frames=split_frames(memoryview(data)[HEADER_SIZE:], max_frame(mtu, msg.flags)))
+    sealed = msg.flags & FLAG_SEALED
+    if sealer is not None and not sealed:
+        raise WireError("not_sealed", "unencrypted message, this server requires encryption")
+    if sealer is None and sealed:
+        raise WireError("no_key", "encrypted message, this server has no key")
+    body = sealer.open(data) if sealed else memoryview(data)[HEADER_SIZE:]
+    return msg._replace(frames=split_frames(body, max_frame(mtu, msg.flags)))

@@ -1,6 +1,5 @@
 """The v1 wire format, checked against the worked example in docs/design.md."""
 
-import re
 from pathlib import Path
 
 import pytest
@@ -21,13 +20,16 @@ def test_encode_matches_the_written_example():
     assert len(EXAMPLE) == 38
 
 
-def test_design_doc_shows_the_same_bytes():
+def doc_bytes(marker):
+    """The bytes of the first code block after `marker` in docs/design.md: on each line, hex
+    pairs, then (after three or more spaces) a comment."""
     doc = (Path(__file__).parent.parent / "docs" / "design.md").read_text()
-    block = doc.split("### Worked example", 1)[1].split("```")[1]
-    # Each line is hex pairs, then (after three or more spaces) a comment.
-    hex_part = " ".join(line.split("   ")[0] for line in block.strip().splitlines())
-    hex_bytes = "".join(hex_part.split())
-    assert bytes.fromhex(hex_bytes) == EXAMPLE
+    block = doc.split(marker, 1)[1].split("```")[1]
+    return bytes.fromhex("".join(line.split("   ")[0] for line in block.strip().splitlines()).replace(" ", ""))
+
+
+def test_design_doc_shows_the_same_bytes():
+    assert doc_bytes("### Worked example") == EXAMPLE
 
 
 def test_decode_example():
@@ -48,7 +50,7 @@ def test_batch_round_trip():
     (b"\x01\x00\x00", "malformed"),                                        # shorter than the header
     (bytes([2]) + EXAMPLE[1:], "malformed"),                               # unknown version
     (EXAMPLE[:2] + b"\x80" + EXAMPLE[3:], "malformed"),                    # unknown flag
-    (EXAMPLE[:2] + b"\x01" + EXAMPLE[3:], "malformed"),                    # sealed, no key
+    (EXAMPLE[:2] + b"\x01" + EXAMPLE[3:], "no_key"),                       # sealed, no key
     (EXAMPLE[:1] + b"\x05" + EXAMPLE[2:], "unknown_type"),
     (EXAMPLE[:16], "malformed"),                                           # no record
     (EXAMPLE[:-1], "malformed"),                                           # record past the end
@@ -73,3 +75,49 @@ def test_message_limit_depends_on_the_flags():
 
 def test_largest_regular_frame_is_accepted():
     assert wire.decode(wire.encode([b"y" * 1518], 1, 1), mtu=1500).frames == [b"y" * 1518]
+
+
+KEY = bytes(range(16))
+
+
+def test_sealed_round_trip_hides_the_payload():
+    sealer = wire.Sealer(KEY)
+    data = wire.encode([FRAME + b"secret-payload"], origin=0x0A0B0C0D, seq=1, sealer=sealer)
+    assert data[:16] == bytes.fromhex("01000100" "0a0b0c0d" "0000000000000001")
+    assert b"secret-payload" not in data and b"gelf" not in data
+    assert len(data) == 16 + 4 + len(FRAME) + 14 + 16
+    assert wire.decode(data, sealer=sealer).frames == [FRAME + b"secret-payload"]
+
+
+def test_sealed_example_from_the_design_doc():
+    """The sealed form of the worked example, as written in docs/design.md."""
+    data = wire.encode([FRAME], origin=0x0A0B0C0D, seq=1, sealer=wire.Sealer(KEY))
+    assert doc_bytes("The same message sealed") == data
+
+
+@pytest.mark.parametrize("position", [0, 2, 5, 12, 16, 20, -1])
+def test_any_flipped_byte_fails_authentication(position):
+    sealer = wire.Sealer(KEY)
+    data = bytearray(wire.encode([FRAME], origin=3, seq=9, sealer=sealer))
+    data[position] ^= 0x01
+    with pytest.raises(wire.WireError) as err:
+        wire.decode(bytes(data), sealer=sealer)
+    # Header bits can turn into a version/flag/type error first: still never delivered.
+    assert err.value.reason in ("auth", "malformed", "not_sealed", "unknown_type")
+
+
+def test_wrong_key_and_missing_encryption_are_refused():
+    data = wire.encode([FRAME], origin=3, seq=9, sealer=wire.Sealer(KEY))
+    with pytest.raises(wire.WireError, match="authentication") as err:
+        wire.decode(data, sealer=wire.Sealer(bytes(16)))
+    assert err.value.reason == "auth"
+    with pytest.raises(wire.WireError) as err:
+        wire.decode(EXAMPLE, sealer=wire.Sealer(KEY))
+    assert err.value.reason == "not_sealed"
+
+
+def test_256_bit_keys_work_and_odd_sizes_do_not():
+    sealer = wire.Sealer(bytes(32))
+    assert wire.decode(wire.encode([FRAME], 1, 2, sealer=sealer), sealer=sealer).frames == [FRAME]
+    with pytest.raises(ValueError):
+        wire.Sealer(bytes(24))
