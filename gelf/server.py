@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import cherrypy
+from cherrypy.lib import httputil
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 from ws4py.websocket import WebSocket
 
@@ -137,8 +138,12 @@ class Root:
 
 
 def check_token(expected, drops):
-    """Refuse (403) a request whose `token` query parameter is not the server's token."""
-    given = cherrypy.serving.request.params.get("token")
+    """Refuse (403) a request whose `token` query parameter is not the server's token.
+
+    Runs before CherryPy has parsed the query string into request.params (and before ws4py's
+    upgrade), so it parses the query string itself.
+    """
+    given = httputil.parse_query_string(cherrypy.serving.request.query_string).get("token")
     if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
         drops.add("forbidden")
         raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")

@@ -1,7 +1,8 @@
 // gelf relay page: this browser is an L1 hub between gelf servers.
 // Every binary WebSocket message received on one link is sent, unchanged, to every
-// other open link (never back to its sender). See docs/design.md for the wire format;
-// the page does not parse it.
+// other open link (never back to its sender), once: see docs/design.md for the wire
+// format. The page reads only the 16-byte header (version, origin, seq) to drop
+// malformed messages and duplicates; it never looks into the body (which may be sealed).
 (() => {
   "use strict";
 
@@ -13,16 +14,128 @@
 
   const secure = location.protocol === "https:";
   const wsScheme = secure ? "wss:" : "ws:";
+  // The token the page itself was loaded with (?token=...), for our own server's /ws.
+  const ownToken = new URLSearchParams(location.search).get("token");
+
+  // ---- duplicate suppression -------------------------------------------------------
+
+  const HEADER_SIZE = 16;   // wire format v1: version, type, flags, reserved, origin, seq
+  const VERSION = 1;
+  const WINDOW = 2048;      // as gelf/seen.py WINDOW; a power of two (ring index = seq & MASK)
+  const MASK = WINDOW - 1;
+  const MAX_ORIGINS = 1024; // as gelf/seen.py MAX_ORIGINS
+  const TWO32 = 4294967296;
+
+  // Which (origin, seq) message ids this page already relayed. Mirrors gelf/seen.py
+  // (SeenFilter): per origin, the highest seq seen and a bitmap of the WINDOW seqs up to
+  // it; a seq older than the window, or already in it, is refused. That makes the page
+  // relay each message at most once, so any topology of pages and servers is loop-free.
+  // Same decisions as seen.py, stored differently: seqs (near 2**61, beyond Number
+  // precision) arrive as two uint32 halves, and the bitmap is a ring of WINDOW bits indexed
+  // by seq % WINDOW (slots of the seqs the top moves past are cleared) rather than a shifted
+  // integer, so the per-message path allocates nothing. Beyond MAX_ORIGINS the least
+  // recently used origin is forgotten, as in seen.py; recency is a use stamp rather than
+  // a reordering (reordering a Map per message costs more than the rest of the relay).
+  class SeenFilter {
+    constructor() {
+      this.origins = new Map(); // origin -> {hi, lo, bits, used}
+      this._clock = 0;          // use stamps: a higher `used` is more recent
+      this._lastOrigin = -1;    // cache: the origin of the previous call, the most recent
+      this._last = null;
+    }
+
+    get size() { return this.origins.size; }
+
+    // True the first time (origin, seq) is offered inside the window; records it.
+    // `hi` and `lo` are the high and low 32 bits of seq (DataView.getUint32).
+    fresh(origin, hi, lo) {
+      let s = this._last;
+      if (origin !== this._lastOrigin) {
+        s = this.origins.get(origin);
+        this._lastOrigin = origin;
+        if (s === undefined) {
+          s = { hi, lo, bits: new Uint32Array(WINDOW >>> 5), used: ++this._clock };
+          s.bits[(lo & MASK) >>> 5] = 1 << (lo & 31);
+          this.origins.set(origin, s);
+          if (this.origins.size > MAX_ORIGINS) this._evict();
+          this._last = s;
+          return true;
+        }
+        s.used = ++this._clock;
+        this._last = s;
+      }
+      const bits = s.bits;
+      // seq - top: exact while |difference| < 2**53, and far beyond WINDOW otherwise.
+      const d = (hi - s.hi) * TWO32 + (lo - s.lo);
+      if (d > 0) {
+        // New top: the slots of seqs top+1 .. seq held seqs now out of the window.
+        if (d >= WINDOW) {
+          bits.fill(0);
+        } else {
+          let slot = (s.lo + 1) & MASK;
+          for (let k = d; k > 0;) {
+            if ((slot & 31) === 0 && k >= 32) {
+              bits[slot >>> 5] = 0;
+              slot = (slot + 32) & MASK;
+              k -= 32;
+            } else {
+              bits[slot >>> 5] &= ~(1 << (slot & 31));
+              slot = (slot + 1) & MASK;
+              k--;
+            }
+          }
+        }
+        s.hi = hi;
+        s.lo = lo;
+        bits[(lo & MASK) >>> 5] |= 1 << (lo & 31);
+        return true;
+      }
+      if (-d >= WINDOW) return false; // older than the window
+      const slot = lo & MASK;
+      const bit = 1 << (slot & 31);
+      if ((bits[slot >>> 5] & bit) !== 0) return false; // already seen
+      bits[slot >>> 5] |= bit;
+      return true;
+    }
+
+    // Forget the least recently used origin (only when a new origin overflows the table).
+    _evict() {
+      let oldest = -1;
+      let stamp = Infinity;
+      this.origins.forEach((s, origin) => {
+        if (s.used < stamp) { stamp = s.used; oldest = origin; }
+      });
+      this.origins.delete(oldest);
+    }
+  }
+
+  const seen = new SeenFilter();
 
   // ---- input → WebSocket URL -------------------------------------------------------
 
   const HOST_PORT = /^(\[[0-9A-Fa-f:.]+(?:%25[\w.~-]+)?\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$/;
 
+  // Hides access tokens in text shown to people: `token=...` in a query, `#...` after an
+  // address. The real URL stays in data-url and in gelfRelay.
+  function mask(text) {
+    return String(text).replace(/([?&]token=)[^&#]*/gi, "$1\u2026").replace(/#.+$/, "#\u2026");
+  }
+
   // Returns the normalized ws:// or wss:// URL for `input`, or throws an Error whose
-  // message can be shown to a person.
+  // message can be shown to a person. An access token is given as `host:port#token`
+  // (or `ws://host:port/ws#token`) and becomes `?token=token`; a URL that already has
+  // `?token=` keeps it.
   function normalize(input) {
-    const text = String(input ?? "").trim();
+    let text = String(input ?? "").trim();
     if (!text) throw new Error("Enter a server as host:port or ws://host:port/ws.");
+
+    let token = null;
+    const hash = text.indexOf("#");
+    if (hash !== -1) {
+      token = text.slice(hash + 1);
+      text = text.slice(0, hash);
+      if (!token) throw new Error(`"${mask(text)}#" has an empty token: write ${mask(text)}#token, or leave out the #.`);
+    }
 
     let url;
     if (/^[a-z][a-z0-9+.-]*:\/\//i.test(text)) {
@@ -33,17 +146,17 @@
       try {
         url = new URL(text);
       } catch {
-        throw new Error(`"${text}" is not a valid URL.`);
+        throw new Error(`"${mask(text)}" is not a valid URL.`);
       }
-      if (!url.hostname) throw new Error(`"${text}" has no host.`);
+      if (!url.hostname) throw new Error(`"${mask(text)}" has no host.`);
       if (url.pathname === "" || url.pathname === "/") url.pathname = "/ws";
     } else {
       const m = HOST_PORT.exec(text);
       if (!m) {
         if (/^[^\s:/]+$/.test(text) || /^\[[^\]]*\]$/.test(text)) {
-          throw new Error(`"${text}" needs a port, for example ${text}:7000.`);
+          throw new Error(`"${mask(text)}" needs a port, for example ${mask(text)}:7000.`);
         }
-        throw new Error(`"${text}" is not host:port, [ipv6]:port or a ws:// URL.`);
+        throw new Error(`"${mask(text)}" is not host:port, [ipv6]:port or a ws:// URL.`);
       }
       const port = Number(m[2]);
       if (port < 1 || port > 65535) throw new Error(`Port ${m[2]} is out of range (1-65535).`);
@@ -54,6 +167,18 @@
       }
     }
     url.hash = "";
+    if (token !== null) {
+      if (url.searchParams.has("token")) {
+        throw new Error(`"${mask(input)}" gives a token twice (#token and ?token=): keep one.`);
+      }
+      url.searchParams.set("token", token);
+    }
+    return url.href;
+  }
+
+  function ownUrl() {
+    const url = new URL(`${wsScheme}//${location.host}/ws`);
+    if (ownToken !== null) url.searchParams.set("token", ownToken);
     return url.href;
   }
 
@@ -77,6 +202,8 @@
       this.txFrames = 0;
       this.txBytes = 0;
       this.rxText = 0;     // text messages received and ignored
+      this.rxBad = 0;      // binary messages dropped: shorter than a header or not version 1
+      this.rxDup = 0;      // messages dropped: (origin, seq) already relayed or too old
       this.txDropped = 0;  // messages not sent because this socket was too far behind
       this.attempts = 0;
       this.retryDelay = RETRY_MIN_MS;
@@ -104,7 +231,9 @@
         ws = new WebSocket(this.url);
       } catch (err) {
         this.state = "error";
-        this.lastClose = err.message;
+        this.lastClose = secure && this.url.startsWith("ws:")
+          ? "blocked: an https page can only reach wss:// servers"
+          : mask(err.message);
         this._scheduleRetry();
         return;
       }
@@ -130,13 +259,21 @@
         openLinks.push(this);
       };
 
-      // The hot path: one handler per socket, one loop over the open links.
+      // The hot path: one handler per socket, a header check, one loop over the open links.
+      // It allocates only the DataView over the header.
       ws.onmessage = (ev) => {
         const data = ev.data;
         if (typeof data === "string") { this.rxText++; return; }
         const n = data.byteLength;
         this.rxFrames++;
         this.rxBytes += n;
+        if (n < HEADER_SIZE) { this.rxBad++; return; }
+        const head = new DataView(data, 0, HEADER_SIZE);
+        if (head.getUint8(0) !== VERSION) { this.rxBad++; return; }
+        if (!seen.fresh(head.getUint32(4), head.getUint32(8), head.getUint32(12))) {
+          this.rxDup++;
+          return;
+        }
         for (let i = 0; i < openLinks.length; i++) {
           const peer = openLinks[i];
           if (peer === this) continue;
@@ -158,8 +295,12 @@
         clearTimeout(this._connectTimer);
         detach(this);
         this.ws = null;
+        // A refused upgrade (403: missing or wrong token) looks exactly like an unreachable
+        // server from here, and probing it with a cross-origin fetch would be no better.
         if (timedOut) this.lastClose = "timed out";
-        else if (ev.code === 1006) this.lastClose = opened ? "connection lost" : "unreachable";
+        else if (ev.code === 1006) {
+          this.lastClose = opened ? "connection lost" : "unreachable or refused (check the address and token)";
+        }
         else this.lastClose = `closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""})`;
         this.state = this._errored ? "error" : "closed";
         this._scheduleRetry();
@@ -196,7 +337,10 @@
 
     toJSON() {
       const { url, own, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped } = this;
-      return { url, own, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped };
+      return {
+        url, own, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped,
+        dupDropped: this.rxDup, badDropped: this.rxBad,
+      };
     }
   }
 
@@ -236,6 +380,13 @@
     if (el.textContent !== text) el.textContent = text;
   }
 
+  function setDrops(el, n, one, many) {
+    const v = String(n);
+    if (el.dataset.value === v) return;
+    el.dataset.value = v;
+    el.textContent = n ? `${count.format(n)} ${n === 1 ? one : many} dropped` : "";
+  }
+
   class LinkView {
     constructor(link) {
       this.link = link;
@@ -248,11 +399,16 @@
       this.state = h("span", { class: "state" }, link.state);
       this.retry = h("span", { class: "retry" });
       this.extra = h("span", { class: "extra" });
+      this.dup = h("span", { class: "dup", "data-value": "0",
+        title: "messages this page had already relayed (a loop or a second path): not sent again" });
+      this.bad = h("span", { class: "bad", "data-value": "0",
+        title: "binary messages that are not gelf version 1 (too short or wrong version): not relayed" });
       this.lastRx = 0;
       this.lastTx = 0;
       this.lastTime = performance.now();
 
-      const remove = h("button", { type: "button", class: "remove", "aria-label": `Remove ${link.url}` }, "Remove");
+      const shown = mask(link.url);
+      const remove = h("button", { type: "button", class: "remove", "aria-label": `Remove ${shown}` }, "Remove");
       remove.addEventListener("click", () => relay.remove(link.url));
 
       const row = (label, frames, bytes, rate) =>
@@ -261,7 +417,7 @@
         h("div", { class: "link-head" },
           this.state,
           link.own ? h("span", { class: "own" }, "this server") : "",
-          h("span", { class: "url", title: link.url }, link.url),
+          h("span", { class: "url", title: shown }, shown),
           remove),
         h("table", { class: "stats" },
           h("thead", null, h("tr", null,
@@ -270,7 +426,7 @@
           h("tbody", null,
             row("Received", this.rxFrames, this.rxBytes, this.rxRate),
             row("Sent", this.txFrames, this.txBytes, this.txRate))),
-        h("p", { class: "note" }, this.retry, this.extra));
+        h("p", { class: "note" }, this.retry, this.extra, this.dup, this.bad));
       if (link.own) this.el.dataset.own = "";
     }
 
@@ -309,6 +465,8 @@
       if (l.txDropped) extra.push(`${count.format(l.txDropped)} dropped (slow link)`);
       if (l.rxText) extra.push(`${count.format(l.rxText)} text ignored`);
       setText(this.extra, extra.join(" · "));
+      setDrops(this.dup, l.rxDup, "duplicate", "duplicates");
+      setDrops(this.bad, l.rxBad, "bad message", "bad messages");
     }
   }
 
@@ -351,11 +509,19 @@
     return true;
   }
 
-  // Keep ?peer=... in the address bar in sync, so the current relay can be bookmarked.
-  // A URL that host:port would produce again is written as host:port.
+  // Keep ?peer=... in the address bar in sync, so the current relay can be bookmarked
+  // (other parameters, such as the page's own ?token=, stay). A URL that host:port or
+  // host:port#token would produce again is written that way; anything else as the URL.
   function peerParam(url) {
     const u = new URL(url);
-    if (u.protocol === wsScheme && u.port && u.pathname === "/ws" && !u.search) return u.host;
+    if (u.protocol === wsScheme && u.port && u.pathname === "/ws") {
+      if (!u.search) return u.host;
+      const token = u.searchParams.get("token");
+      if (token) {
+        const short = `${u.host}#${token}`;
+        try { if (normalize(short) === url) return short; } catch { /* keep the URL */ }
+      }
+    }
     return url;
   }
   function rememberPeers() {
@@ -403,11 +569,11 @@
       return;
     }
     if (links.some((l) => l.url === url)) {
-      say(`${url} is already linked.`, false);
+      say(`${mask(url)} is already linked.`, false);
       return;
     }
     add(url);
-    say(`Added ${url}.`, false);
+    say(`Added ${mask(url)}.`, false);
     input.value = "";
   });
   input.addEventListener("input", () => {
@@ -423,18 +589,21 @@
     remove,
     find,
     normalize,
+    mask,
     stats: () => links.map((l) => l.toJSON()),
+    get seenOrigins() { return seen.size; },
+    SeenFilter,  // exposed for tests (compare with gelf/seen.py)
   };
   window.gelfRelay = relay;
 
   // ---- start -----------------------------------------------------------------------
 
   const peers = new URLSearchParams(location.search).getAll("peer");
-  add(`${wsScheme}//${location.host}/ws`, true);
+  add(ownUrl(), true);
 
   const problems = [];
   for (const peer of peers) {
-    try { add(peer); } catch (err) { problems.push(`peer=${peer}: ${err.message}`); }
+    try { add(peer); } catch (err) { problems.push(`peer=${mask(peer)}: ${err.message}`); }
   }
   if (problems.length) say(problems.join(" "), true);
 
