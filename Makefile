@@ -11,8 +11,8 @@ VPY         := $(VENV)/bin/python
 PORT        ?= 7001
 PYTEST_ARGS ?= -ra -v --timeout=300 -p no:cacheprovider
 
-SYS_COMMANDS := chromium iperf3 ping ip tcpdump
-SYS_PACKAGES := chromium iperf3 iputils-ping iproute2 tcpdump
+SYS_COMMANDS := chromium iperf3 ping ip tcpdump openssl
+SYS_PACKAGES := chromium iperf3 iputils-ping iproute2 tcpdump openssl
 
 .PHONY: venv sysdeps run test clean
 

@@ -72,12 +72,21 @@ class GelfSocket(WebSocket):
         log.info("link %d open: %s %s", self.link.id, self.link.kind, peer)
 
     def once(self):
-        # ws4py would allocate whatever payload length a peer announces; refuse giants up front.
-        if self.reading_buffer_size > self.pump.max_message:
-            self.drops.add("oversize")
-            self.close(1009, "message too big")
-            return False
-        return super().once()
+        """One manager poll event: process everything that is buffered, not one parser step.
+
+        ws4py feeds its parser only the bytes it asked for; with TLS the rest waits in
+        self.buf or in the SSL object, where no further poll event announces it.
+        """
+        while True:
+            # ws4py would allocate whatever payload length a peer announces: refuse giants.
+            if self.reading_buffer_size > self.pump.max_message:
+                self.drops.add("oversize")
+                self.close(1009, "message too big")
+                return False
+            if not super().once():
+                return False
+            if self.terminated or not (self.buf or (self._is_secure and self.sock.pending())):
+                return True
 
     def received_message(self, message):
         link = self.link

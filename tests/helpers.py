@@ -4,6 +4,7 @@ Everything here talks only to 127.0.0.1 or to addresses inside network namespace
 tests create themselves, and every wait is bounded.
 """
 
+import hashlib
 import itertools
 import json
 import os
@@ -353,3 +354,84 @@ def add_peer(page, port, host="127.0.0.1"):
     page.fill("#peer-input", f"{host}:{port}")
     page.locator("#add-form button:not([type=button]):not([type=reset]), "
                  "#add-form input[type=submit]").first.click()
+
+
+# ---------------------------------------------------------------- traffic between namespaces
+
+ADDR = ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
+TRANSFER_BYTES = 10 * 1024 * 1024
+TCP_PORT = 5001
+
+RECEIVER = r"""
+import hashlib, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(1)
+s.settimeout(60)
+print("ready", flush=True)
+c, _ = s.accept()
+c.settimeout(60)
+h, n = hashlib.sha256(), 0
+while True:
+    b = c.recv(1 << 16)
+    if not b:
+        break
+    h.update(b)
+    n += len(b)
+print("received", n, h.hexdigest(), flush=True)
+"""
+
+SENDER = r"""
+import socket, sys
+data = open(sys.argv[3], "rb").read()
+c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
+c.sendall(data)
+c.shutdown(socket.SHUT_WR)
+c.settimeout(60)
+while c.recv(1 << 16):
+    pass
+print("sent", len(data), flush=True)
+"""
+
+
+def servers_in_namespaces(gelf_server, ns_addr, n):
+    """n servers, server i's tap in its own namespace with address ADDR[i]."""
+    servers = [gelf_server() for _ in range(n)]
+    spaces = [ns_addr(s, ADDR[i]) for i, s in enumerate(servers)]
+    return servers, spaces
+
+
+def assert_pings(ns, addr, count=20):
+    assert wait_ping(ns, addr, timeout=15), f"{ns} never reached {addr} through the page"
+    loss, out = ping(ns, addr, count=count)
+    assert loss == 0, f"ping {ns} -> {addr} lost {loss}%:\n{out}"
+
+
+def assert_pings_fail(ns, addr):
+    """Traffic has stopped: within 10 s the pings go unanswered, and then stay so."""
+    deadline = time.monotonic() + 10
+    while True:
+        loss, out = ping(ns, addr, count=3, interval=0.2)
+        if loss == 100 or time.monotonic() > deadline:
+            break
+    assert loss == 100, f"ping {ns} -> {addr} still answered after the page closed:\n{out}"
+    loss, out = ping(ns, addr, count=5)
+    assert loss == 100, f"ping {ns} -> {addr} answered after the page closed:\n{out}"
+
+
+def transfer(bg, ns_src, ns_dst, addr, tmp_path, nbytes=TRANSFER_BYTES):
+    """Send nbytes of random data over TCP from ns_src to addr in ns_dst; assert the SHA-256."""
+    data = os.urandom(nbytes)
+    src = Path(tmp_path) / "payload.bin"
+    src.write_bytes(data)
+    receiver = bg(["ip", "netns", "exec", ns_dst, PYTHON, "-c", RECEIVER, addr, str(TCP_PORT)],
+                  name=f"tcp receiver ({ns_dst})")
+    assert receiver.pump.wait_line(r"^ready$", 10), "receiver did not start"
+    sender = bg(["ip", "netns", "exec", ns_src, PYTHON, "-c", SENDER, addr, str(TCP_PORT), str(src)],
+                name=f"tcp sender ({ns_src})")
+    assert sender.wait(120) == 0, f"sender failed:\n{sender.pump.text()}"
+    m = receiver.pump.wait_line(r"^received (\d+) ([0-9a-f]{64})$", 30)
+    assert m, f"receiver did not finish:\n{receiver.pump.text()}"
+    assert int(m.group(1)) == nbytes
+    assert m.group(2) == hashlib.sha256(data).hexdigest()

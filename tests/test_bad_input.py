@@ -3,13 +3,12 @@ disturb the traffic relayed by a page at the same time."""
 
 import random
 import signal
-import struct
 import time
 
 import pytest
 
 import helpers
-from helpers import encode, eth_frame, ping, wait_link_state, wait_ping
+from helpers import encode, eth_frame, wait_link_state, wait_ping
 
 pytestmark = pytest.mark.usefixtures("need_root", "need_chromium")
 

@@ -1,79 +1,15 @@
 """End to end: gelf servers whose taps sit in separate network namespaces, joined by a page in
 headless Chromium. Traffic between the namespaces can only pass through the page."""
 
-import hashlib
-import os
 import signal
 import time
 
 import pytest
 
 import helpers
-from helpers import PYTHON, ping, wait_link_state, wait_ping
+from helpers import ADDR, assert_pings, assert_pings_fail, servers_in_namespaces, transfer, wait_link_state
 
 pytestmark = pytest.mark.usefixtures("need_root", "need_chromium")
-
-ADDR = ["10.77.0.1", "10.77.0.2", "10.77.0.3"]
-TRANSFER_BYTES = 10 * 1024 * 1024
-TCP_PORT = 5001
-
-RECEIVER = r"""
-import hashlib, socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], int(sys.argv[2])))
-s.listen(1)
-s.settimeout(60)
-print("ready", flush=True)
-c, _ = s.accept()
-c.settimeout(60)
-h, n = hashlib.sha256(), 0
-while True:
-    b = c.recv(1 << 16)
-    if not b:
-        break
-    h.update(b)
-    n += len(b)
-print("received", n, h.hexdigest(), flush=True)
-"""
-
-SENDER = r"""
-import socket, sys
-data = open(sys.argv[3], "rb").read()
-c = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)
-c.sendall(data)
-c.shutdown(socket.SHUT_WR)
-c.settimeout(60)
-while c.recv(1 << 16):
-    pass
-print("sent", len(data), flush=True)
-"""
-
-
-def servers_in_namespaces(gelf_server, ns_addr, n):
-    """n servers, server i's tap in its own namespace with address ADDR[i]."""
-    servers = [gelf_server() for _ in range(n)]
-    spaces = [ns_addr(s, ADDR[i]) for i, s in enumerate(servers)]
-    return servers, spaces
-
-
-def assert_pings(ns, addr, count=20):
-    assert wait_ping(ns, addr, timeout=15), f"{ns} never reached {addr} through the page"
-    loss, out = ping(ns, addr, count=count)
-    assert loss == 0, f"ping {ns} -> {addr} lost {loss}%:\n{out}"
-
-
-def assert_pings_fail(ns, addr):
-    """Traffic has stopped: within 10 s the pings go unanswered, and then stay so."""
-    deadline = time.monotonic() + 10
-    while True:
-        loss, out = ping(ns, addr, count=3, interval=0.2)
-        if loss == 100 or time.monotonic() > deadline:
-            break
-    assert loss == 100, f"ping {ns} -> {addr} still answered after the page closed:\n{out}"
-    loss, out = ping(ns, addr, count=5)
-    assert loss == 100, f"ping {ns} -> {addr} answered after the page closed:\n{out}"
-
 
 def test_two_servers_via_form(gelf_server, ns_addr, open_page, bg, tmp_path):
     (s1, s2), (ns1, ns2) = servers_in_namespaces(gelf_server, ns_addr, 2)
@@ -87,19 +23,7 @@ def test_two_servers_via_form(gelf_server, ns_addr, open_page, bg, tmp_path):
     assert_pings(ns1, ADDR[1], count=20)
 
     # 10 MiB of random data over TCP, ns1 -> ns2, checked end to end by SHA-256.
-    data = os.urandom(TRANSFER_BYTES)
-    src = tmp_path / "payload.bin"
-    src.write_bytes(data)
-    receiver = bg(["ip", "netns", "exec", ns2, PYTHON, "-c", RECEIVER, ADDR[1], str(TCP_PORT)],
-                  name="tcp receiver (ns2)")
-    assert receiver.pump.wait_line(r"^ready$", 10), "receiver did not start"
-    sender = bg(["ip", "netns", "exec", ns1, PYTHON, "-c", SENDER, ADDR[1], str(TCP_PORT),
-                 str(src)], name="tcp sender (ns1)")
-    assert sender.wait(120) == 0, f"sender failed:\n{sender.pump.text()}"
-    m = receiver.pump.wait_line(r"^received (\d+) ([0-9a-f]{64})$", 30)
-    assert m, f"receiver did not finish:\n{receiver.pump.text()}"
-    assert int(m.group(1)) == TRANSFER_BYTES
-    assert m.group(2) == hashlib.sha256(data).hexdigest()
+    transfer(bg, ns1, ns2, ADDR[1], tmp_path)
 
     # The page's counters and the servers' /stats saw the traffic.
     for port in (s1.port, s2.port):
