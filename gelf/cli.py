@@ -15,9 +15,11 @@ import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
 from gelf import __version__, keys, server, wire
+from gelf.client import DialLink, check_url, tls_context
 from gelf.links import LinkSet
 from gelf.pump import Pump
 from gelf.stats import Drops
+from gelf.switch import MacTable
 from gelf.tap import MAX_MTU, MIN_MTU, Tap, TapError
 
 log = logging.getLogger("gelf")
@@ -52,7 +54,8 @@ def build_parser():
         prog="gelf",
         description="Ethernet over WebSockets: create a tap device and serve the relay page. "
         "Open http://HOST:PORT/ in a browser that can reach several gelf servers and add "
-        "them: their taps become one Ethernet segment.",
+        "them: their taps become one Ethernet segment. 'gelf relay URL URL ...' relays "
+        "without a browser (see 'gelf relay --help').",
     )
     parser.add_argument("port", type=_port, help="TCP port for the relay page and the /ws WebSocket")
     parser.add_argument("--host", default="127.0.0.1",
@@ -61,6 +64,19 @@ def build_parser():
                         help="name of the tap device to create (default: the first free tapN)")
     parser.add_argument("--mtu", type=_mtu, default=1500,
                         help="MTU of the tap; frames up to MTU+18 bytes are carried (default: %(default)s)")
+    parser.add_argument("--address", metavar="CIDR", action="append", default=[],
+                        help="put this IPv4 or IPv6 address on the tap, e.g. 10.10.10.1/24 (repeatable)")
+    parser.add_argument("--bridge", metavar="BR", help="add the tap to this existing Linux bridge")
+    parser.add_argument("--learn", action="store_true",
+                        help="switch instead of hub: learn MAC addresses per link and send unicast "
+                        "frames only where their destination is")
+    links = parser.add_argument_group("direct links")
+    links.add_argument("--connect", metavar="URL", action="append", default=[],
+                       help="also dial this server, no browser needed: ws://host:port/ws or wss://... "
+                       "(add ?token=... if it has one; repeatable); reconnects by itself")
+    links.add_argument("--cacert", metavar="FILE", help="also trust this CA for wss:// links")
+    links.add_argument("--insecure", action="store_true",
+                       help="do not verify wss:// certificates (anyone on the path can then read tokens)")
     security = parser.add_argument_group("security")
     security.add_argument("--enc", action="store_true",
                           help="encrypt frames end to end (AES-GCM) with a new random 128-bit key, printed "
@@ -185,19 +201,35 @@ def is_loopback(host):
         return host == "localhost"
 
 
+def load_dial_context(args):
+    """The TLS context for --connect links, after checking their URLs."""
+    try:
+        for url in args.connect:
+            check_url(url)
+        return tls_context(args.cacert, args.insecure)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+
+
 def run(args):
     sealer = wire.Sealer(key) if (key := load_key(args)) else None
     token = load_token(args)
     tls = load_tls(args)
     ids = lookup_ids(args)
+    context = load_dial_context(args)
     check_port(args.host, args.port)
     tap = Tap(args.dev, args.mtu)
     log.info("Created interface: %s", tap.name)
     engine = cherrypy.engine
     links = LinkSet()
     drops = Drops()
-    pump = Pump(tap, links, drops, sealer=sealer)
+    pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None)
+    dials = [DialLink(url, links, pump.deliver, drops, context) for url in args.connect]
     try:
+        for cidr in args.address:
+            tap.add_address(cidr)
+        if args.bridge:
+            tap.join_bridge(args.bridge)
         server.mount(engine, args.host, args.port, tap, pump, links, drops,
                      debug=args.debug, token=token, tls=tls)
         if ids:
@@ -208,6 +240,11 @@ def run(args):
         engine.start()
         pump.start()
         log.info("Relay listening: %s %d", args.host, args.port)
+        if args.insecure:
+            log.warning("warning: --insecure: wss:// certificates of --connect links are not verified")
+        for dial in dials:
+            engine.subscribe("stop", dial.stop)
+            dial.start()
         if not (sealer or token or is_loopback(args.host)):
             log.warning("warning: listening on %s with neither a key nor a token: anyone who can reach "
                         "port %d can put frames on this network", args.host, args.port)
@@ -219,6 +256,11 @@ def run(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["relay"]:
+        from gelf import relay
+
+        return relay.main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     try:

@@ -31,6 +31,7 @@ class Link:
         self.drops = drops
         self.state = "open"
         self.since = time.time()
+        self._stopped = False
         self.rx = Traffic()
         self.tx = Traffic()
         self._queue = queue.Queue(QUEUE_MESSAGES)
@@ -47,28 +48,28 @@ class Link:
             self.drops.add("queue_full")
 
     def stop(self):
-        """Stop the sender; queued messages are discarded."""
-        if self.state == "closed":
+        """Stop the sender for good; queued messages are discarded."""
+        if self._stopped:
             return
+        self._stopped = True
         self.state = "closed"
         try:
             self._queue.put_nowait(None)
         except queue.Full:
-            # The sender is stuck on a dead socket; it exits on its next error.
-            pass
+            pass  # the sender sees _stopped after its current message
 
     def _send_loop(self):
         while True:
             message = self._queue.get()
-            if message is None or self.state == "closed":
+            if message is None or self._stopped:
                 return
             try:
                 self._transmit(message)
             except (OSError, RuntimeError) as err:
+                # The transport is gone; the link's owner notices and closes or redials it.
                 log.debug("link %d (%s): send failed: %s", self.id, self.peer, err)
-                self.state = "closed"
                 self._abort()
-                return
+                continue
             self.tx.add(len(message))
 
     def _transmit(self, message):

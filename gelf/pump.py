@@ -2,8 +2,10 @@
 
 The reader thread polls the tap fd, drains every frame that is ready (up to one batch),
 encodes them as one gelf message and offers the same bytes to every link. `deliver` is the
-way back: it validates a received message and writes its frames to the tap. Nothing that
-fails validation reaches the tap; each drop is counted by reason.
+way back: it validates a received message, forwards it unchanged to every other link (the
+server is a hub, so any connected graph of servers is one segment) and writes its frames to
+the tap. Nothing that fails validation goes anywhere; each drop is counted by reason. A message
+id (origin, seq) is handled once, which is what keeps cycles in the topology from storming.
 """
 
 import logging
@@ -15,6 +17,7 @@ import time
 from gelf import wire
 from gelf.seen import SeenFilter
 from gelf.stats import Traffic
+from gelf.switch import LOCAL
 
 log = logging.getLogger("gelf.pump")
 
@@ -32,9 +35,10 @@ WARNINGS = {
 
 
 class Pump:
-    def __init__(self, tap, links, drops, origin=None, sealer=None):
+    def __init__(self, tap, links, drops, origin=None, sealer=None, switch=None):
         self.tap = tap
         self.sealer = sealer
+        self.switch = switch  # a MacTable with --learn; None: hub
         self.seen = SeenFilter()
         self._warned = set()
         self.links = links
@@ -69,7 +73,9 @@ class Pump:
             frames = self._drain()
             if frames:
                 self.seq += 1
-                self.links.offer(wire.encode(frames, self.origin, self.seq, sealer=self.sealer))
+                if self.switch:
+                    self.switch.learn(frames, LOCAL)
+                self._forward(wire.encode(frames, self.origin, self.seq, sealer=self.sealer), frames)
 
     def _drain(self):
         """Every frame ready on the tap, up to one batch (wire.BATCH_FRAMES / BATCH_BYTES)."""
@@ -91,7 +97,7 @@ class Pump:
     # links -> tap
 
     def deliver(self, data, link=None):
-        """Validate one received message and write its frames to the tap."""
+        """Validate one received message, forward it to the other links, write its frames to the tap."""
         if not data:
             self.drops.add("empty")
             return
@@ -111,7 +117,12 @@ class Pump:
         if not self.seen.fresh(message.origin, message.seq):
             self.drops.add("replay")  # a replay, or a copy that came by another path
             return
+        if self.switch:
+            self.switch.learn(message.frames, link)
+        self._forward(data, message.frames, exclude=link)
         for frame in message.frames:
+            if self.switch and not self._is_local(frame):
+                continue
             try:
                 self.tap.write(frame)
             except OSError as err:
@@ -120,6 +131,23 @@ class Pump:
                 continue
             with self._written_lock:
                 self.written.add(len(frame))
+
+    def _forward(self, message, frames, exclude=None):
+        """Offer a message to the links that need it: all but `exclude` (hub), or with --learn
+        only those where its destinations were learned."""
+        ports = self.switch.destinations(frames) if self.switch else None
+        if ports is not None:
+            live = set(self.links)
+            if all(port is LOCAL or port in live for port in ports):
+                for link in ports:
+                    if link is not LOCAL and link is not exclude:
+                        link.offer(message)
+                return
+        self.links.offer(message, exclude=exclude)
+
+    def _is_local(self, frame):
+        ports = self.switch.destinations([frame])
+        return ports is None or LOCAL in ports
 
     def _warn_once(self, reason, data, link):
         """One warning per misconfigured peer (origin), not one per message."""

@@ -34,13 +34,13 @@ def asset_dir(name):
 
 
 class SocketLink(Link):
-    """A peer that connected to our /ws: a browser page (or, later, a relay)."""
+    """A peer that connected to our /ws: a browser page, a headless relay or a gelf server that
+    dialed us (these two say so in their User-Agent, see client.py)."""
 
-    kind = "browser"
-
-    def __init__(self, ws, peer, drops):
+    def __init__(self, ws, peer, drops, kind="browser"):
         super().__init__(peer, drops)
         self.ws = ws
+        self.kind = kind
 
     def _transmit(self, message):
         self.ws.send(message, binary=True)
@@ -66,7 +66,11 @@ class GelfSocket(WebSocket):
             pass  # not TCP (tests may use socketpairs); nothing to tune
         env = self.environ or {}
         peer = "%s:%s" % (env.get("REMOTE_ADDR", "?"), env.get("REMOTE_PORT", "?"))
-        self.link = SocketLink(self, peer, self.drops)
+        agent = env.get("HTTP_USER_AGENT", "")
+        kind = "browser"
+        if agent.startswith("gelf/"):
+            kind = "relay" if agent.endswith(" relay") else "direct"
+        self.link = SocketLink(self, peer, self.drops, kind)
         self.link.start()
         self.links.add(self.link)
         log.info("link %d open: %s %s", self.link.id, self.link.kind, peer)

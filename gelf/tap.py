@@ -6,7 +6,9 @@ Made and configured with python-pytun. Every failure a user can cause (not root,
 
 import errno
 import fcntl
+import ipaddress
 import os
+import subprocess
 
 import pytun
 
@@ -65,6 +67,29 @@ class Tap:
         # Non-blocking, so the reader can drain every ready frame into one batch.
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+    def add_address(self, cidr):
+        """Put an IPv4 or IPv6 address (with prefix length) on the tap, with iproute2."""
+        try:
+            ipaddress.ip_interface(cidr)
+        except ValueError:
+            raise TapError("invalid address %r: give it as ADDRESS/PREFIX, e.g. 10.0.0.1/24" % cidr) from None
+        self._ip("addr", "add", cidr, "dev", self.name)
+
+    def join_bridge(self, bridge):
+        """Make the tap a port of an existing Linux bridge (etherws' br0 setup)."""
+        if not os.path.isdir(os.path.join("/sys/class/net", bridge, "bridge")):
+            raise TapError("%s is not an existing bridge (create it with: ip link add %s type bridge)"
+                           % (bridge, bridge))
+        self._ip("link", "set", "dev", self.name, "master", bridge)
+
+    def _ip(self, *args):
+        try:
+            result = subprocess.run(("ip",) + args, capture_output=True, text=True, timeout=10)
+        except FileNotFoundError:
+            raise TapError("the ip command (iproute2) is not installed") from None
+        if result.returncode != 0:
+            raise TapError("ip %s failed: %s" % (" ".join(args), result.stderr.strip()))
 
     def fileno(self):
         return self._fd
