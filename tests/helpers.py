@@ -435,3 +435,33 @@ def transfer(bg, ns_src, ns_dst, addr, tmp_path, nbytes=TRANSFER_BYTES):
     assert m, f"receiver did not finish:\n{receiver.pump.text()}"
     assert int(m.group(1)) == nbytes
     assert m.group(2) == hashlib.sha256(data).hexdigest()
+
+
+# ---------------------------------------------------------------- servers inside a namespace
+
+_STATS_IN_NS = r"""
+import sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
+    sys.stdout.write(r.read().decode())
+"""
+
+
+class NsGelfServer(GelfServer):
+    """A gelf server run inside the network namespace `netns`: `ip netns exec NS python gelf.py ...`.
+
+    Its tap is created in that namespace and its 127.0.0.1 is that namespace's loopback, so no
+    traffic touches the root namespace. `ip netns exec` execs the command without forking, so
+    self.proc.pid is the server itself and stop()/kill() signal it directly.
+    """
+
+    def __init__(self, netns, *args, **kw):
+        super().__init__(*args, **kw)
+        self.netns = netns
+
+    def cmd(self):
+        return ["ip", "netns", "exec", self.netns] + super().cmd()
+
+    def stats(self, timeout=5):
+        res = run(["ip", "netns", "exec", self.netns, PYTHON, "-c", _STATS_IN_NS,
+                   self.url + "/stats", str(timeout)], timeout=timeout + 10)
+        return json.loads(res.stdout)
