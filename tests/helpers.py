@@ -226,6 +226,19 @@ class GelfServer:
         return "\n".join(parts)
 
 
+def gelf_once(*args, prefix=(), timeout=10):
+    """Run `gelf.py ARGS` (after an optional prefix such as `ip netns exec NS`) until it exits,
+    or SIGTERM it after `timeout` seconds; return (exit code, output)."""
+    proc = subprocess.Popen([*prefix, PYTHON, "gelf.py", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=5)
+    return proc.returncode, out
+
+
 # ---------------------------------------------------------------- namespaces
 
 def netns_add(name):

@@ -12,6 +12,7 @@ from gelf.relay import Relay
 from gelf.stats import Drops
 from gelf.switch import LOCAL, MacTable
 from gelf.tap import Tap, TapError
+from fakes import FakeTap
 
 MAC_A = bytes.fromhex("02000000000a")
 MAC_B = bytes.fromhex("02000000000b")
@@ -21,17 +22,6 @@ BROADCAST = b"\xff" * 6
 
 def frame(dst, src, payload=b"x" * 46):
     return dst + src + b"\x08\x00" + payload
-
-
-class FakeTap:
-    name = "fake0"
-    mtu = 1500
-
-    def __init__(self):
-        self.written = []
-
-    def write(self, data):
-        self.written.append(data)
 
 
 class FakeLink(Link):

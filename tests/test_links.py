@@ -10,7 +10,6 @@ import json
 import re
 import signal
 import ssl
-import subprocess
 import time
 import urllib.request
 
@@ -347,15 +346,8 @@ def move_tap_between(dev, src_ns, dst_ns, *addrs):
     run(["ip", "-n", dst_ns, "link", "set", "lo", "up"])
 
 
-def gelf_in_ns_once(ns, *args, timeout=10):
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, PYTHON, "gelf.py", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=5)
-    return proc.returncode, out
+def gelf_in_ns(ns, *args, timeout=10):
+    return helpers.gelf_once(*args, prefix=("ip", "netns", "exec", ns), timeout=timeout)
 
 
 def test_bridge_reaches_a_veth_through_the_tunnel(ns_server, netns):
@@ -382,7 +374,7 @@ def test_bridge_errors(netns):
     run(["ip", "-n", s, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1"])
     for br, why in (("nosuchbr", "missing"), ("veth0", "not a bridge")):
         dev = helpers.tap_name()
-        code, out = gelf_in_ns_once(s, "--dev", dev, "--bridge", br, str(helpers.free_port()))
+        code, out = gelf_in_ns(s, "--dev", dev, "--bridge", br, str(helpers.free_port()))
         errors = [l for l in out.splitlines() if l.startswith("gelf: error:")]
         assert code == 1 and len(errors) == 1 and br in errors[0], (why, out)
         assert "Traceback" not in out, out

@@ -6,19 +6,9 @@ from gelf import wire
 from gelf.links import Link, LinkSet
 from gelf.pump import Pump
 from gelf.stats import Drops
+from fakes import FakeTap
 
 FRAME = bytes.fromhex("ffffffffffff02000000000188b5") + b"payload!"
-
-
-class FakeTap:
-    name = "fake0"
-    mtu = 1500
-
-    def __init__(self):
-        self.written = []
-
-    def write(self, frame):
-        self.written.append(frame)
 
 
 def make_pump():

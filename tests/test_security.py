@@ -5,13 +5,12 @@ runs on 127.0.0.1."""
 import http.client
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 import helpers
-from helpers import ADDR, PYTHON, REPO, assert_pings, servers_in_namespaces, wait_for
+from helpers import ADDR, assert_pings, servers_in_namespaces, wait_for
 
 pytestmark = pytest.mark.usefixtures("need_root")
 
@@ -148,15 +147,7 @@ def test_replayed_and_altered_messages_are_dropped(gelf_server, ns_addr):
 
 
 def gelf_once(*args, timeout=10):
-    """Run gelf as a command and return (exit code, output) once it exits or times out."""
-    proc = subprocess.Popen([PYTHON, "gelf.py", "--dev", helpers.tap_name(), *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=5)
-    return proc.returncode, out
+    return helpers.gelf_once("--dev", helpers.tap_name(), *args, timeout=timeout)
 
 
 def test_key_file_permissions_and_bad_keys(gelf_server, tmp_path):
