@@ -64,6 +64,10 @@ def build_parser():
                         help="name of the tap device to create (default: the first free tapN)")
     parser.add_argument("--mtu", type=_mtu, default=1500,
                         help="MTU of the tap; frames up to MTU+18 bytes are carried (default: %(default)s)")
+    parser.add_argument("--no-offload", dest="offload", action="store_false",
+                        help="open the tap without GSO/TSO offloads: every frame at most MTU+18 bytes "
+                        "(by default TCP super-frames of up to 64 KiB travel whole; peers without "
+                        "offloads get them split)")
     parser.add_argument("--address", metavar="CIDR", action="append", default=[],
                         help="put this IPv4 or IPv6 address on the tap, e.g. 10.10.10.1/24 (repeatable)")
     parser.add_argument("--bridge", metavar="BR", help="add the tap to this existing Linux bridge")
@@ -218,13 +222,14 @@ def run(args):
     ids = lookup_ids(args)
     context = load_dial_context(args)
     check_port(args.host, args.port)
-    tap = Tap(args.dev, args.mtu)
+    tap = Tap(args.dev, args.mtu, offload=args.offload)
     log.info("Created interface: %s", tap.name)
     engine = cherrypy.engine
     links = LinkSet()
     drops = Drops()
     pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None)
-    dials = [DialLink(url, links, pump.deliver, drops, context) for url in args.connect]
+    dials = [DialLink(url, links, pump.deliver, drops, context, max_message=pump.max_message)
+             for url in args.connect]
     try:
         for cidr in args.address:
             tap.add_address(cidr)

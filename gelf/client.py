@@ -17,8 +17,9 @@ import urllib.parse
 from ws4py.client import WebSocketBaseClient
 from ws4py.exc import HandshakeError
 
-from gelf import __version__
+from gelf import __version__, fastws, wire
 from gelf.links import Link
+from gelf.tap import MAX_MTU
 
 log = logging.getLogger("gelf.client")
 
@@ -74,12 +75,13 @@ def explain(err):
     return str(err) or type(err).__name__
 
 
-class _Connection(WebSocketBaseClient):
+class _Connection(fastws.FastReceive, WebSocketBaseClient):
     """One WebSocket connection of a DialLink; runs in the link's dialer thread."""
 
     def __init__(self, link, context):
         super().__init__(link.url, headers=[("User-Agent", "gelf/%s %s" % (__version__, link.kind))])
         self.link = link
+        self.reader = fastws.FrameReader(expect_masked=False, max_message=link.max_message)
         self.sock.settimeout(CONNECT_TIMEOUT)
         if self.scheme == "wss":
             # ws4py's own TLS setup verifies nothing by default: wrap the socket with our
@@ -91,21 +93,27 @@ class _Connection(WebSocketBaseClient):
     def handshake_ok(self):
         """The dialer thread runs the connection itself (see DialLink._run)."""
 
-    def received_message(self, message):
+    def on_message(self, opcode, payload):
         link = self.link
-        link.rx.add(len(message.data))
-        if not message.is_binary:
+        link.rx.add(len(payload))
+        if opcode != fastws.OP_BINARY:
             link.drops.add("text")
             return
-        link.deliver(message.data, link)
+        link.deliver(payload, link)
+
+    def on_protocol_error(self, err):
+        self.link.drops.add("oversize" if err.code == 1009 else "malformed")
 
 
 class DialLink(Link):
     """A link this process dials and keeps dialing; received messages go to `deliver`."""
 
-    def __init__(self, url, links, deliver, drops, context=None, kind="direct"):
+    masked = True
+
+    def __init__(self, url, links, deliver, drops, context=None, kind="direct", max_message=None):
         super().__init__(public_url(check_url(url)), drops)
         self.kind = kind
+        self.max_message = max_message or wire.max_message(MAX_MTU)
         self.url = url
         self.links = links
         self.deliver = deliver
@@ -128,11 +136,9 @@ class DialLink(Link):
     def join(self, timeout):
         self._dialer.join(timeout)
 
-    def _transmit(self, message):
+    def _socket(self):
         conn = self._conn
-        if conn is None:
-            raise RuntimeError("not connected")
-        conn.send(message, binary=True)
+        return conn.sock if conn is not None else None
 
     def _abort(self):
         conn = self._conn
@@ -174,6 +180,7 @@ class DialLink(Link):
             finally:
                 self.links.remove(self)
                 self._conn = None
+                self._reset()
             if not self._stopped:
                 self.state = "closed"
                 self._report("closed")

@@ -14,7 +14,7 @@ import select
 import threading
 import time
 
-from gelf import wire
+from gelf import offload, wire
 from gelf.seen import SeenFilter
 from gelf.stats import Traffic
 from gelf.switch import LOCAL
@@ -73,9 +73,11 @@ class Pump:
             frames = self._drain()
             if frames:
                 self.seq += 1
+                flags = wire.FLAG_OFFLOAD if self.tap.offload else 0
+                eth = self._ethernet(frames, flags)
                 if self.switch:
-                    self.switch.learn(frames, LOCAL)
-                self._forward(wire.encode(frames, self.origin, self.seq, sealer=self.sealer), frames)
+                    self.switch.learn(eth, LOCAL)
+                self._forward(wire.encode(frames, self.origin, self.seq, flags, sealer=self.sealer), eth)
 
     def _drain(self):
         """Every frame ready on the tap, up to one batch (wire.BATCH_FRAMES / BATCH_BYTES)."""
@@ -117,20 +119,46 @@ class Pump:
         if not self.seen.fresh(message.origin, message.seq):
             self.drops.add("replay")  # a replay, or a copy that came by another path
             return
+        eth = self._ethernet(message.frames, message.flags)
         if self.switch:
-            self.switch.learn(message.frames, link)
-        self._forward(data, message.frames, exclude=link)
-        for frame in message.frames:
-            if self.switch and not self._is_local(frame):
+            self.switch.learn(eth, link)
+        self._forward(data, eth, exclude=link)
+        offloaded = message.flags & wire.FLAG_OFFLOAD
+        for frame, ethernet in zip(message.frames, eth):
+            if self.switch and not self._is_local(ethernet):
                 continue
             try:
-                self.tap.write(frame)
+                self._write(frame, offloaded)
+            except offload.OffloadError as err:
+                self.drops.add("offload")
+                log.debug("cannot unpack a super-frame: %s", err)
             except OSError as err:
                 self.drops.add("tap_write")
                 log.debug("writing to %s failed: %s", self.tap.name, err)
-                continue
-            with self._written_lock:
-                self.written.add(len(frame))
+
+    def _write(self, frame, offloaded):
+        """Write one received frame, matching the sender's offload to our tap's."""
+        tap = self.tap
+        if offloaded and not tap.offload:
+            frames = offload.to_frames(frame)  # the software fallback: segments, checksums
+            for plain in frames:
+                tap.write(plain)
+        elif tap.offload and not offloaded:
+            tap.write_parts((offload.PLAIN, frame))
+            frames = (frame,)
+        else:
+            tap.write(frame)
+            frames = (frame,)
+        with self._written_lock:
+            for written in frames:
+                self.written.add(len(written))
+
+    @staticmethod
+    def _ethernet(frames, flags):
+        """The Ethernet frames themselves (without a virtio header), for switching."""
+        if flags & wire.FLAG_OFFLOAD:
+            return [memoryview(frame)[offload.VNET_HDR_SIZE:] for frame in frames]
+        return frames
 
     def _forward(self, message, frames, exclude=None):
         """Offer a message to the links that need it: all but `exclude` (hub), or with --learn

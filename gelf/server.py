@@ -10,15 +10,17 @@ import logging
 import socket
 import string
 import sys
+import threading
 import time
 from pathlib import Path
 
 import cherrypy
 from cherrypy.lib import httputil
+from ws4py.manager import WebSocketManager
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 from ws4py.websocket import WebSocket
 
-from gelf import __version__
+from gelf import __version__, fastws
 from gelf.links import Link
 
 log = logging.getLogger("gelf.server")
@@ -42,15 +44,18 @@ class SocketLink(Link):
         self.ws = ws
         self.kind = kind
 
-    def _transmit(self, message):
-        self.ws.send(message, binary=True)
+    def _socket(self):
+        return self.ws.sock
 
     def _abort(self):
         self.ws.close_connection()
 
 
-class GelfSocket(WebSocket):
-    """ws4py handler for one /ws connection, bound to the server's pump and links."""
+class GelfSocket(fastws.FastReceive, WebSocket):
+    """ws4py handler for one /ws connection, bound to the server's pump and links.
+
+    ws4py accepts the connection and runs it; fastws reads and writes its frames.
+    """
 
     def __init__(self, *args, pump, links, drops, **kwargs):
         super().__init__(*args, **kwargs)
@@ -58,6 +63,7 @@ class GelfSocket(WebSocket):
         self.links = links
         self.drops = drops
         self.link = None
+        self.reader = fastws.FrameReader(expect_masked=True, max_message=pump.max_message)
 
     def opened(self):
         try:
@@ -75,31 +81,19 @@ class GelfSocket(WebSocket):
         self.links.add(self.link)
         log.info("link %d open: %s %s", self.link.id, self.link.kind, peer)
 
-    def once(self):
-        """One manager poll event: process everything that is buffered, not one parser step.
-
-        ws4py feeds its parser only the bytes it asked for; with TLS the rest waits in
-        self.buf or in the SSL object, where no further poll event announces it.
-        """
-        while True:
-            # ws4py would allocate whatever payload length a peer announces: refuse giants.
-            if self.reading_buffer_size > self.pump.max_message:
-                self.drops.add("oversize")
-                self.close(1009, "message too big")
-                return False
-            if not super().once():
-                return False
-            if self.terminated or not (self.buf or (self._is_secure and self.sock.pending())):
-                return True
-
-    def received_message(self, message):
+    def on_message(self, opcode, payload):
         link = self.link
-        if link is not None:
-            link.rx.add(len(message.data))
-        if not message.is_binary:
+        if link is None:
+            return
+        link.rx.add(len(payload))
+        if opcode != fastws.OP_BINARY:
             self.drops.add("text")
             return
-        self.pump.deliver(message.data, link)
+        self.pump.deliver(payload, link)
+
+    def on_protocol_error(self, err):
+        self.drops.add("oversize" if err.code == 1009 else "malformed")
+        log.debug("closing %s: %s", self.link.peer if self.link else "?", err.reason)
 
     def closed(self, code, reason=None):
         link = self.link
@@ -150,6 +144,18 @@ class Root:
         }
 
 
+class OrderlyManager(WebSocketManager):
+    """ws4py's manager, stopped in order: its stop() closes the epoll object while the manager
+    thread may still be handling the last events (a traceback at every busy shutdown); here the
+    thread ends first, then the poller is released."""
+
+    def stop(self):
+        self.running = False
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(2)
+        super().stop()
+
+
 def check_token(expected, drops):
     """Refuse (403) a request whose `token` query parameter is not the server's token.
 
@@ -167,7 +173,9 @@ def mount(engine, host, port, tap, pump, links, drops, debug=False, token=None, 
 
     `tls` is (certificate file, private key file) to serve https and wss.
     """
-    WebSocketPlugin(engine).subscribe()
+    plugin = WebSocketPlugin(engine)
+    plugin.manager = OrderlyManager()
+    plugin.subscribe()
     cherrypy.tools.websocket = WebSocketTool()
     cherrypy.tools.gelf_token = cherrypy.Tool("on_start_resource", check_token, priority=10)
     handler = functools.partial(GelfSocket, pump=pump, links=links, drops=drops)

@@ -4,7 +4,7 @@ import threading
 import time
 
 DROP_REASONS = ("text", "empty", "oversize", "malformed", "unknown_type", "auth", "not_sealed", "no_key",
-                "replay", "loop", "forbidden", "queue_full", "tap_write")
+                "replay", "loop", "forbidden", "offload", "queue_full", "tap_write")
 
 
 class Drops:

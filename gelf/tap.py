@@ -17,6 +17,14 @@ MAX_MTU = 65535
 # Room for the Ethernet header and one 802.1Q tag on top of the MTU.
 FRAME_OVERHEAD = 18
 
+# The one ioctl python-pytun lacks: <linux/if_tun.h> TUNSETOFFLOAD = _IOW('T', 208, unsigned int),
+# and the offloads gelf accepts: checksums left partial, TCP super-frames (IPv4, IPv6, ECN).
+TUNSETOFFLOAD = 0x400454D0
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN = 0x01, 0x02, 0x04, 0x08
+OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+VNET_HDR_SIZE = 10
+SUPER_FRAME = 65535 + FRAME_OVERHEAD  # the largest frame a TSO tap hands over
+
 
 class TapError(Exception):
     """A tap that cannot be made or configured, explained for the user."""
@@ -38,11 +46,13 @@ def _explain(err, name):
 class Tap:
     """A non-persistent tap (IFF_TAP | IFF_NO_PI), up, with its MTU set.
 
-    Closing it destroys the interface, wherever it has been moved since (another
-    network namespace, a bridge).
+    With `offload`, it is opened with IFF_VNET_HDR and TUNSETOFFLOAD: every frame read or
+    written is preceded by a virtio_net_hdr, and reads may return TCP super-frames of up to
+    64 KiB (see offload.py). Closing it destroys the interface, wherever it has been moved
+    since (another network namespace, a bridge).
     """
 
-    def __init__(self, name=None, mtu=1500):
+    def __init__(self, name=None, mtu=1500, offload=False):
         if not MIN_MTU <= mtu <= MAX_MTU:
             raise TapError("MTU %d is out of range (%d..%d)" % (mtu, MIN_MTU, MAX_MTU))
         if name is not None:
@@ -50,20 +60,26 @@ class Tap:
                 raise TapError("invalid interface name %r (1-15 characters, no '/', '%%' or spaces)" % name)
             if os.path.exists(os.path.join("/sys/class/net", name)):
                 raise TapError("interface %s already exists" % name)
+        flags = pytun.IFF_TAP | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if offload else 0)
         try:
-            self._dev = pytun.TunTapDevice(name=name or "tap%d", flags=pytun.IFF_TAP | pytun.IFF_NO_PI)
+            self._dev = pytun.TunTapDevice(name=name or "tap%d", flags=flags)
         except pytun.Error as err:
             raise TapError(_explain(err, name or "tap%d")) from None
         self.name = self._dev.name
+        self._fd = self._dev.fileno()
         try:
+            if offload:
+                fcntl.ioctl(self._fd, TUNSETOFFLOAD, OFFLOADS)
             self._dev.mtu = mtu
             self._dev.up()
-        except pytun.Error as err:
+        except OSError as err:  # pytun.Error is an OSError
             self._dev.close()
-            raise TapError("cannot set MTU %d on %s: %s" % (mtu, self.name, err.args[-1])) from None
+            raise TapError("cannot configure %s (MTU %d%s): %s"
+                           % (self.name, mtu, ", offloads" if offload else "", err.args[-1])) from None
         self.mtu = mtu
-        self.read_size = mtu + FRAME_OVERHEAD
-        self._fd = self._dev.fileno()
+        self.offload = offload
+        self.read_size = (VNET_HDR_SIZE + max(SUPER_FRAME, mtu + FRAME_OVERHEAD)) if offload \
+            else mtu + FRAME_OVERHEAD
         # Non-blocking, so the reader can drain every ready frame into one batch.
         flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
         fcntl.fcntl(self._fd, fcntl.F_SETFL, flags | os.O_NONBLOCK)
@@ -103,6 +119,10 @@ class Tap:
 
     def write(self, frame):
         os.write(self._fd, frame)
+
+    def write_parts(self, parts):
+        """One frame from several buffers (a virtio header and a frame) in one system call."""
+        os.writev(self._fd, parts)
 
     def close(self):
         if self._fd is not None:

@@ -27,7 +27,7 @@ TAG_SIZE = 16
 
 ETH_HEADER = 14
 VLAN_TAG = 4
-VNET_HDR = 12
+VNET_HDR = 10  # struct virtio_net_hdr, see offload.py
 
 # What one sender packs into one message: a small batch keeps latency low and the page's
 # per-message cost (which rules the browser path) amortised.

@@ -3,7 +3,7 @@
 import os
 
 from gelf import wire
-from gelf.links import Link, LinkSet
+from gelf.links import LinkSet
 from gelf.pump import Pump
 from gelf.stats import Drops
 from fakes import FakeTap
@@ -42,30 +42,3 @@ def test_own_messages_are_not_written_back():
     pump, tap, _ = make_pump()
     pump.deliver(wire.encode([FRAME], origin=pump.origin, seq=1))
     assert tap.written == []
-
-
-class RecordingLink(Link):
-    def __init__(self, drops, block=None):
-        super().__init__("test", drops)
-        self.sent = []
-        self.block = block
-
-    def _transmit(self, message):
-        if self.block is not None:
-            self.block.wait()
-        self.sent.append(message)
-
-
-def test_a_stuck_link_drops_instead_of_growing():
-    import threading
-    from gelf.links import QUEUE_MESSAGES
-
-    drops = Drops()
-    gate = threading.Event()
-    stuck = RecordingLink(drops, block=gate)
-    stuck.start()
-    for i in range(QUEUE_MESSAGES + 50):
-        stuck.offer(b"m%d" % i)
-    assert drops.snapshot()["queue_full"] >= 49
-    gate.set()
-    stuck.stop()
