@@ -134,6 +134,7 @@ class Root:
             "tap": {
                 "name": self.tap.name,
                 "mtu": self.tap.mtu,
+                "offload": self.tap.offload,
                 "read_frames": pump.read.count,
                 "read_bytes": pump.read.bytes,
                 "written_frames": pump.written.count,
