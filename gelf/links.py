@@ -16,7 +16,7 @@ import threading
 import time
 
 from gelf import fastws
-from gelf.stats import Traffic
+from gelf.stats import Drops, Traffic
 
 log = logging.getLogger("gelf.links")
 
@@ -39,7 +39,7 @@ class Link:
     def __init__(self, peer, drops):
         self.id = next(_ids)
         self.peer = peer
-        self.drops = drops
+        self.drops = Drops(parent=drops)
         self.state = "open"
         self.since = time.time()
         self.rx = Traffic()
@@ -158,6 +158,7 @@ class Link:
             "rx_bytes": self.rx.bytes,
             "tx_messages": self.tx.count,
             "tx_bytes": self.tx.bytes,
+            "drops": self.drops.snapshot(),
         }
 
 

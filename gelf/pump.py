@@ -100,24 +100,25 @@ class Pump:
 
     def deliver(self, data, link=None):
         """Validate one received message, forward it to the other links, write its frames to the tap."""
+        drops = link.drops if link is not None else self.drops
         if not data:
-            self.drops.add("empty")
+            drops.add("empty")
             return
         if len(data) > self.max_message:
-            self.drops.add("oversize")
+            drops.add("oversize")
             return
         try:
             message = wire.decode(data, self.tap.mtu, self.sealer)
         except wire.WireError as err:
-            self.drops.add(err.reason)
+            drops.add(err.reason)
             self._warn_once(err.reason, data, link)
             log.debug("dropped message from %s: %s", link.peer if link else "?", err)
             return
         if message.origin == self.origin:
-            self.drops.add("loop")  # our own message came back around
+            drops.add("loop")  # our own message came back around
             return
         if not self.seen.fresh(message.origin, message.seq):
-            self.drops.add("replay")  # a replay, or a copy that came by another path
+            drops.add("replay")  # a replay, or a copy that came by another path
             return
         eth = self._ethernet(message.frames, message.flags)
         if self.switch:
@@ -130,10 +131,10 @@ class Pump:
             try:
                 self._write(frame, offloaded)
             except offload.OffloadError as err:
-                self.drops.add("offload")
+                drops.add("offload")
                 log.debug("cannot unpack a super-frame: %s", err)
             except OSError as err:
-                self.drops.add("tap_write")
+                drops.add("tap_write")
                 log.debug("writing to %s failed: %s", self.tap.name, err)
 
     def _write(self, frame, offloaded):

@@ -87,12 +87,12 @@ class GelfSocket(fastws.FastReceive, WebSocket):
             return
         link.rx.add(len(payload))
         if opcode != fastws.OP_BINARY:
-            self.drops.add("text")
+            link.drops.add("text")
             return
         self.pump.deliver(payload, link)
 
     def on_protocol_error(self, err):
-        self.drops.add("oversize" if err.code == 1009 else "malformed")
+        (self.link.drops if self.link else self.drops).add("oversize" if err.code == 1009 else "malformed")
         log.debug("closing %s: %s", self.link.peer if self.link else "?", err.reason)
 
     def closed(self, code, reason=None):
@@ -125,6 +125,8 @@ class Root:
     @cherrypy.expose
     @cherrypy.tools.json_out()
     def stats(self, **params):
+        # Pages relaying for this server show its errors (e.g. a key mismatch): allow them to read.
+        cherrypy.response.headers["Access-Control-Allow-Origin"] = "*"
         pump = self.pump
         return {
             "version": __version__,

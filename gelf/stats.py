@@ -8,15 +8,21 @@ DROP_REASONS = ("text", "empty", "oversize", "malformed", "unknown_type", "auth"
 
 
 class Drops:
-    """Dropped messages by reason; thread-safe because every link thread counts here."""
+    """Dropped messages by reason; thread-safe because every link thread counts here.
 
-    def __init__(self):
+    A link's Drops has the server's as parent, so one `add` counts for the link and in total.
+    """
+
+    def __init__(self, parent=None):
+        self.parent = parent
         self._lock = threading.Lock()
         self._counts = dict.fromkeys(DROP_REASONS, 0)
 
     def add(self, reason, n=1):
         with self._lock:
             self._counts[reason] = self._counts.get(reason, 0) + n
+        if self.parent is not None:
+            self.parent.add(reason, n)
 
     def snapshot(self):
         with self._lock:

@@ -27,8 +27,8 @@ def frame(dst, src, payload=b"x" * 46):
 class FakeLink(Link):
     """A link that records what it is offered (no sender thread needed)."""
 
-    def __init__(self, name):
-        super().__init__(name, Drops())
+    def __init__(self, name, drops=None):
+        super().__init__(name, drops or Drops())
         self.offered = []
 
     def offer(self, message):
@@ -37,11 +37,12 @@ class FakeLink(Link):
 
 def setup(learn=False, n=3):
     links = LinkSet()
-    peers = [FakeLink("peer%d" % i) for i in range(n)]
+    drops = Drops()
+    peers = [FakeLink("peer%d" % i, drops) for i in range(n)]
     for link in peers:
         links.add(link)
     tap = FakeTap()
-    pump = Pump(tap, links, Drops(), origin=0x1, switch=MacTable() if learn else None)
+    pump = Pump(tap, links, drops, origin=0x1, switch=MacTable() if learn else None)
     return pump, tap, peers
 
 
@@ -52,6 +53,7 @@ def test_hub_forwards_to_every_other_link_once():
     pump.deliver(message, b)  # the same message by another path
     assert a.offered == [] and b.offered == [message] and c.offered == [message]
     assert len(tap.written) == 1 and pump.drops.snapshot()["replay"] == 1
+    assert b.drops.snapshot()["replay"] == 1 and a.drops.snapshot()["replay"] == 0  # counted per link too
 
 
 def test_own_messages_are_neither_written_nor_forwarded():
@@ -107,7 +109,7 @@ def test_mac_table_is_bounded():
 
 def test_relay_forwards_each_message_id_once_and_never_back():
     relay = Relay([], tls_context())
-    a, b, c = FakeLink("a"), FakeLink("b"), FakeLink("c")
+    a, b, c = FakeLink("a", relay.drops), FakeLink("b", relay.drops), FakeLink("c", relay.drops)
     for link in (a, b, c):
         relay.links.add(link)
     message = wire.encode([frame(BROADCAST, MAC_A)], origin=0xA, seq=5)
