@@ -121,3 +121,22 @@ def test_256_bit_keys_work_and_odd_sizes_do_not():
     assert wire.decode(wire.encode([FRAME], 1, 2, sealer=sealer), sealer=sealer).frames == [FRAME]
     with pytest.raises(ValueError):
         wire.Sealer(bytes(24))
+
+
+def test_sealing_interoperates_with_an_independent_aes_gcm():
+    """pycryptodome, a second AES-GCM implementation, opens what gelf seals and seals what
+    gelf opens: the wire format is plain AES-GCM with the header as nonce and AAD."""
+    from Crypto.Cipher import AES
+
+    sealer = wire.Sealer(KEY)
+    data = wire.encode([FRAME], origin=0x0A0B0C0D, seq=77, sealer=sealer)
+    header, body, tag = data[:16], data[16:-16], data[-16:]
+    cipher = AES.new(KEY, AES.MODE_GCM, nonce=header[4:], mac_len=16)
+    cipher.update(header)
+    assert cipher.decrypt_and_verify(body, tag) == wire.pack_frames([FRAME])
+
+    header = wire.pack_header(wire.TYPE_DATA, wire.FLAG_SEALED, 0x0A0B0C0D, 78)
+    cipher = AES.new(KEY, AES.MODE_GCM, nonce=header[4:], mac_len=16)
+    cipher.update(header)
+    body, tag = cipher.encrypt_and_digest(wire.pack_frames([FRAME]))
+    assert wire.decode(header + body + tag, sealer=sealer).frames == [FRAME]
