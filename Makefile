@@ -3,6 +3,8 @@
 #   make sysdeps  install the system tools the tests use (Debian, as root)
 #   make run      run a gelf server on 127.0.0.1:7001 (needs root)
 #   make test     run the test suite (needs root and Chromium for most tests)
+#   make bench    run the benchmark (root, < 10 min): table on stdout and in bench/results.md
+#                 (BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--only R1 direct" for some rows)
 #   make clean    remove the venv and build/test leftovers
 
 PYTHON      ?= python3
@@ -10,11 +12,12 @@ VENV        := .venv
 VPY         := $(VENV)/bin/python
 PORT        ?= 7001
 PYTEST_ARGS ?= -ra -v --timeout=300 -p no:cacheprovider
+BENCH_ARGS  ?=
 
 SYS_COMMANDS := chromium iperf3 ping ip tcpdump openssl
 SYS_PACKAGES := chromium iperf3 iputils-ping iproute2 tcpdump openssl
 
-.PHONY: venv sysdeps run test clean
+.PHONY: venv sysdeps run test bench clean
 
 venv: $(VENV)/.installed
 
@@ -46,6 +49,9 @@ run: venv
 
 test: sysdeps $(VENV)/.test-installed
 	$(VPY) -m pytest $(PYTEST_ARGS) tests
+
+bench: sysdeps venv
+	$(VPY) bench/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info build dist
