@@ -50,6 +50,7 @@ class Pump:
         self.read = Traffic()
         self.written = Traffic()
         self._written_lock = threading.Lock()
+        self._sending = threading.Lock()
         self._running = threading.Event()
         self._thread = threading.Thread(target=self._run, name="gelf-pump", daemon=True)
 
@@ -70,14 +71,20 @@ class Pump:
         while self._running.is_set():
             if not poller.poll(POLL_MS):
                 continue
-            frames = self._drain()
-            if frames:
-                self.seq += 1
-                flags = wire.FLAG_OFFLOAD if self.tap.offload else 0
-                eth = self._ethernet(frames, flags)
-                if self.switch:
-                    self.switch.learn(eth, LOCAL)
-                self._forward(wire.encode(frames, self.origin, self.seq, flags, sealer=self.sealer), eth)
+            with self._sending:
+                self._send_ready()
+
+    def _send_ready(self):
+        """Send what the tap has ready as one message. Callers hold `_sending`, which keeps the
+        tap's frames in order and their sequence numbers unique."""
+        frames = self._drain()
+        if frames:
+            self.seq += 1
+            flags = wire.FLAG_OFFLOAD if self.tap.offload else 0
+            eth = self._ethernet(frames, flags)
+            if self.switch:
+                self.switch.learn(eth, LOCAL)
+            self._forward(wire.encode(frames, self.origin, self.seq, flags, sealer=self.sealer), eth)
 
     def _drain(self):
         """Every frame ready on the tap, up to one batch (wire.BATCH_FRAMES / BATCH_BYTES)."""
@@ -136,6 +143,14 @@ class Pump:
             except OSError as err:
                 drops.add("tap_write")
                 log.debug("writing to %s failed: %s", self.tap.name, err)
+        # The kernel answers some frames while we write them (an echo reply, a TCP ACK): they
+        # are on the tap already. Sending them from this thread saves waking the reader thread
+        # and handing it the GIL, a good part of a round trip; if the reader is busy, it has them.
+        if self._sending.acquire(blocking=False):
+            try:
+                self._send_ready()
+            finally:
+                self._sending.release()
 
     def _write(self, frame, offloaded):
         """Write one received frame, matching the sender's offload to our tap's."""

@@ -13,3 +13,6 @@ class FakeTap:
 
     def write(self, frame):
         self.written.append(frame)
+
+    def read(self):
+        return None  # nothing ready
