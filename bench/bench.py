@@ -393,6 +393,7 @@ class Bench:
         self.rate = args.udp_rate
         self.results = {}  # row -> dict
         self.r3 = {}  # size -> dict
+        self.r3_rtt = None  # the browser's own relay round trip
         self.scope = None
         self.http = None
 
@@ -508,17 +509,40 @@ class Bench:
     # -- R3: the browser's relay ceiling
 
     def r3_row(self):
-        for size in (1514, 65536):
+        for size in (1514, 65536, "rtt"):
             scope = self.scope = Scope()
             try:
-                self.r3[size] = self.r3_size(scope, size)
+                result = self.r3_round_trip(scope) if size == "rtt" else self.r3_size(scope, size)
             except RowFailed as err:
-                self.r3[size] = {"failed": str(err)}
+                result = {"failed": str(err)}
             except Exception as err:
-                self.r3[size] = {"failed": "%s: %s" % (type(err).__name__, err)}
+                result = {"failed": "%s: %s" % (type(err).__name__, err)}
             finally:
                 self.scope = None
                 scope.close()
+            if size == "rtt":
+                self.r3_rtt = result
+            else:
+                self.r3[size] = result
+
+    def r3_round_trip(self, scope):
+        """Median and p99 of a small message going out and back through the page (an echo
+        endpoint on the other side): what Chromium alone adds to a round trip."""
+        pp, pe = free_port(), free_port()
+        tool = str(BENCH / "ws_ceiling.py")
+        pinger = scope.start("r3-pinger", [PYTHON, tool, "pinger", str(pp), str(self.pings), "0.01"])
+        echo = scope.start("r3-echo", [PYTHON, tool, "echo", str(pe)])
+        for p in (pinger, echo):
+            if not p.wait_line(r"^listening$", 10):
+                raise RowFailed("%s did not start: %s" % (p.name, p.tail()))
+        url = "http://127.0.0.1:%d/relay_ceiling.html?src=ws://127.0.0.1:%d/&dst=ws://127.0.0.1:%d/" % (
+            self.http_port(), pp, pe)
+        start_chromium(scope, "chromium-r3-rtt", url)
+        m = pinger.wait_line(r"^(\{.*\})$", 30 + self.pings * 0.05)
+        if not m:
+            raise RowFailed("no round trips through the page: %s" % pinger.tail())
+        rtts = sorted(json.loads(m.group(1))["rtts_ms"])
+        return {"median": percentile(rtts, 50), "p99": percentile(rtts, 99)}
 
     def r3_size(self, scope, size):
         ps, pk = free_port(), free_port()
@@ -620,6 +644,10 @@ class Bench:
                 else:
                     out.append("| %d | %.0f | %.0f | %s |" % (size, r["msgs"], r["mbps"], ", ".join(
                         "%s %.1f" % kv for kv in r["cpu"].items())))
+            rtt = self.r3_rtt or {"failed": "not run"}
+            out += ["", "R3 round trip, a small message out and back through the page (%d, 10 ms apart): %s" % (
+                self.pings, "failed: %s" % rtt["failed"] if "failed" in rtt else
+                "median %.3f ms, p99 %.3f ms" % (rtt["median"], rtt["p99"]))]
             out.append("")
         out += [
             "Legend: A and B are network namespaces (10.90.0.1 and .2/24, IPv6 off). TCP: iperf3 %d s per "

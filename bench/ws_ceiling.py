@@ -7,6 +7,12 @@
         counts the binary messages of the first client; WARMUP s after the first one it counts
         for SECONDS s (printing "measuring" as it starts), then prints
         {"messages": n, "bytes": b, "seconds": s} on one line and exits.
+    ws_ceiling.py echo PORT
+        sends every binary message of a client back to it.
+    ws_ceiling.py pinger PORT COUNT INTERVAL
+        sends the first client COUNT small messages, one at a time, INTERVAL s apart, each when
+        the previous one came back (through the page and an echo endpoint), then prints
+        {"rtts_ms": [...]} on one line and exits: the browser's own relay round trip.
 
 Just enough RFC 6455 to be much faster than the browser they measure, so that the page is the
 bottleneck: the source writes a pre-built run of frames with one sendall(); the sink reads 1 MiB
@@ -174,11 +180,64 @@ def sink(port, warmup, seconds):
     os._exit(0)
 
 
+def read_message(conn, buf):
+    """(payload, rest of buf) of the next data frame a client sends (masked, under 126 bytes)."""
+    while True:
+        if len(buf) >= 2:
+            length = buf[1] & 0x7F
+            head = 2 + (4 if buf[1] & 0x80 else 0)
+            if length < 126 and len(buf) >= head + length:
+                payload = bytes(buf[head:head + length])
+                if buf[1] & 0x80:
+                    key = buf[2:6]
+                    payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+                return payload, buf[head + length:]
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed")
+        buf += chunk
+
+
+def echo(port):
+    srv = listen(port)
+    while True:
+        conn, _ = srv.accept()
+        try:
+            buf = handshake(conn)
+            while True:
+                payload, buf = read_message(conn, buf)
+                conn.sendall(binary_frame(payload))
+        except OSError:
+            conn.close()
+
+
+def pinger(port, count, interval):
+    srv = listen(port)
+    conn, _ = srv.accept()
+    buf = handshake(conn)
+    rtts = []
+    for i in range(count):
+        sent = time.perf_counter()
+        conn.sendall(binary_frame(struct.pack("!Q", i) + bytes(8)))
+        while True:
+            payload, buf = read_message(conn, buf)
+            if struct.unpack("!Q", payload[:8])[0] == i:
+                break
+        rtts.append((time.perf_counter() - sent) * 1000)
+        time.sleep(interval)
+    print(json.dumps({"rtts_ms": rtts}), flush=True)
+    os._exit(0)
+
+
 def main(argv):
     if len(argv) == 3 and argv[0] == "source":
         source(int(argv[1]), int(argv[2]))
     elif len(argv) == 4 and argv[0] == "sink":
         sink(int(argv[1]), float(argv[2]), float(argv[3]))
+    elif len(argv) == 2 and argv[0] == "echo":
+        echo(int(argv[1]))
+    elif len(argv) == 4 and argv[0] == "pinger":
+        pinger(int(argv[1]), int(argv[2]), float(argv[3]))
     else:
         sys.exit(__doc__)
 
