@@ -14,7 +14,7 @@ import sys
 import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, keys, server, wire
+from gelf import __version__, keys, pcap, server, wire
 from gelf.client import DialLink, check_url, tls_context
 from gelf.links import LinkSet
 from gelf.pump import Pump
@@ -49,6 +49,16 @@ def _mtu(text):
     return value
 
 
+def _megabytes(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
+    if not 0 < value <= 1 << 20:
+        raise argparse.ArgumentTypeError("%s MB is not a usable size (more than 0, at most 1048576)" % text)
+    return value
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="gelf",
@@ -74,6 +84,14 @@ def build_parser():
     parser.add_argument("--learn", action="store_true",
                         help="switch instead of hub: learn MAC addresses per link and send unicast "
                         "frames only where their destination is")
+    capture = parser.add_argument_group("capture")
+    capture.add_argument("--pcap", metavar="FILE",
+                         help="write every frame read from or written to the tap to FILE, a pcap file "
+                         "for tcpdump -r or Wireshark")
+    capture.add_argument("--pcap-size", metavar="MB", type=_megabytes, default=100,
+                         help="when the --pcap file reaches this size it becomes FILE.1 (replacing the "
+                         "previous one) and a new FILE starts: at most twice this on disk "
+                         "(default: %(default)s)")
     links = parser.add_argument_group("direct links")
     links.add_argument("--connect", metavar="URL", action="append", default=[],
                        help="also dial this server, no browser needed: ws://host:port/ws or wss://... "
@@ -215,6 +233,18 @@ def load_dial_context(args):
         raise UserError(str(err)) from None
 
 
+def open_capture(args):
+    """The --pcap file, open and with its header written, or None."""
+    if not args.pcap:
+        return None
+    try:
+        capture = pcap.Capture(args.pcap, int(args.pcap_size * 1024 * 1024))
+    except OSError as err:
+        raise UserError("cannot write --pcap file %s: %s" % (args.pcap, err.strerror or err)) from None
+    log.info("Capturing frames to %s (up to %g MB, then %s.1)", args.pcap, args.pcap_size, args.pcap)
+    return capture
+
+
 def run(args):
     sealer = wire.Sealer(key) if (key := load_key(args)) else None
     token = load_token(args)
@@ -222,12 +252,13 @@ def run(args):
     ids = lookup_ids(args)
     context = load_dial_context(args)
     check_port(args.host, args.port)
+    capture = open_capture(args)
     tap = Tap(args.dev, args.mtu, offload=args.offload)
     log.info("Created interface: %s", tap.name)
     engine = cherrypy.engine
     links = LinkSet()
     drops = Drops()
-    pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None)
+    pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None, capture=capture)
     dials = [DialLink(url, links, pump.deliver, drops, context, max_message=pump.max_message)
              for url in args.connect]
     try:
@@ -258,6 +289,8 @@ def run(args):
         pump.stop()
         links.stop_all()
         tap.close()
+        if capture:
+            capture.close()
 
 
 def main(argv=None):

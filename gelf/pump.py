@@ -14,7 +14,7 @@ import select
 import threading
 import time
 
-from gelf import offload, wire
+from gelf import offload, pcap, wire
 from gelf.seen import SeenFilter
 from gelf.stats import Traffic
 from gelf.switch import LOCAL
@@ -35,8 +35,9 @@ WARNINGS = {
 
 
 class Pump:
-    def __init__(self, tap, links, drops, origin=None, sealer=None, switch=None):
+    def __init__(self, tap, links, drops, origin=None, sealer=None, switch=None, capture=None):
         self.tap = tap
+        self.capture = capture or pcap.NoCapture()  # --pcap
         self.sealer = sealer
         self.switch = switch  # a MacTable with --learn; None: hub
         self.seen = SeenFilter()
@@ -101,6 +102,7 @@ class Pump:
             frames.append(frame)
             size += len(frame)
         self.read.add(size, len(frames))
+        self.capture.frames(frames, self.tap.offload)
         return frames
 
     # links -> tap
@@ -168,6 +170,7 @@ class Pump:
         with self._written_lock:
             for written in frames:
                 self.written.add(len(written))
+        self.capture.frames(frames, bool(offloaded and tap.offload))
 
     @staticmethod
     def _ethernet(frames, flags):

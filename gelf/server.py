@@ -1,4 +1,4 @@
-"""The CherryPy application: the relay page, its assets, /stats, and the /ws endpoint.
+"""The CherryPy application: the relay page, its assets, /stats, /metrics and the /ws endpoint.
 
 ws4py's WebSocketPlugin and WebSocketTool turn `/ws` requests into GelfSocket handlers; each
 handler is a Link (see links.py) whose received messages go to Pump.deliver.
@@ -20,7 +20,7 @@ from ws4py.manager import WebSocketManager
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 from ws4py.websocket import WebSocket
 
-from gelf import __version__, fastws
+from gelf import __version__, fastws, metrics
 from gelf.links import Link
 
 log = logging.getLogger("gelf.server")
@@ -112,6 +112,7 @@ class Root:
         self.links = links
         self.drops = drops
         self.started = time.monotonic()
+        self.registry = metrics.registry(self.snapshot)
         self.page = string.Template((asset_dir("templates") / "index.html").read_text())
 
     @cherrypy.expose
@@ -122,11 +123,8 @@ class Root:
     def ws(self, **params):
         """Handled by the WebSocket tool; this body runs only after the upgrade."""
 
-    @cherrypy.expose
-    @cherrypy.tools.json_out()
-    def stats(self, **params):
-        # Pages relaying for this server show its errors (e.g. a key mismatch): allow them to read.
-        cherrypy.response.headers["Access-Control-Allow-Origin"] = "*"
+    def snapshot(self):
+        """The server's numbers, read once: /stats returns them as JSON, /metrics exposes them."""
         pump = self.pump
         return {
             "version": __version__,
@@ -145,6 +143,20 @@ class Root:
             "drops": self.drops.snapshot(),
             "links": [link.describe() for link in self.links],
         }
+
+    @cherrypy.expose
+    @cherrypy.tools.json_out()
+    def stats(self, **params):
+        # Pages relaying for this server show its errors (e.g. a key mismatch): allow them to read.
+        cherrypy.response.headers["Access-Control-Allow-Origin"] = "*"
+        return self.snapshot()
+
+    @cherrypy.expose
+    def metrics(self, **params):
+        """The same numbers for Prometheus."""
+        content_type, body = metrics.exposition(self.registry, cherrypy.request.headers.get("Accept"))
+        cherrypy.response.headers["Content-Type"] = content_type
+        return body
 
 
 class OrderlyManager(WebSocketManager):
