@@ -184,6 +184,13 @@
 
   // ---- links -----------------------------------------------------------------------
 
+  const STATS_MS = 3000;           // /stats poll period of an open link
+  const STATS_MAX_MS = 30000;      // ... backing off up to this while /stats does not answer
+  const FETCH_TIMEOUT_MS = 5000;
+  const MISMATCH_HOLD_MS = 60000;  // a key mismatch stays shown this long after its drops last grew
+  // Drop reasons (docs/design.md) that mean "the servers do not share one key".
+  const KEY_REASONS = ["auth", "not_sealed", "no_key"];
+
   const links = [];      // every link, in display order
   const openLinks = [];  // links whose socket is open: the relay fan-out list
 
@@ -192,10 +199,84 @@
     if (i !== -1) openLinks.splice(i, 1);
   }
 
+  // The server's GET /stats for a link's ws:// URL: same host, port and ?token=, over http(s).
+  function statsUrl(wsUrl) {
+    const u = new URL(wsUrl);
+    u.protocol = u.protocol === "wss:" ? "https:" : "http:";
+    u.pathname = u.pathname.endsWith("/ws") ? `${u.pathname.slice(0, -3)}/stats` : "/stats";
+    u.hash = "";
+    return u.href;
+  }
+
+  function timedFetch(url, options) {
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
+    return fetch(url, { cache: "no-store", credentials: "omit", ...options, signal: ctl.signal })
+      .finally(() => clearTimeout(timer));
+  }
+
+  // Why a WebSocket could not open: the browser tells a page nothing (every failure is close
+  // code 1006), so ask the server's /stats. It is readable cross-origin when it answers 200; a
+  // 403 (missing or wrong token) carries no CORS header, so it reads as a failure too; an opaque
+  // (no-cors) request then tells "something answered" from "nothing answered".
+  async function probe(url) {
+    try {
+      const r = await timedFetch(url, {});
+      if (r.status === 403) return "refused";
+      return r.ok ? "ws-refused" : `http-${r.status}`;
+    } catch (err) {
+      if (err && err.name === "AbortError") return "unreachable";
+    }
+    try {
+      await timedFetch(url, { mode: "no-cors" });
+      return "refused";
+    } catch {
+      return "unreachable";
+    }
+  }
+
+  function problemText(kind, link) {
+    const { host, hasToken } = link;
+    switch (kind) {
+      case "unreachable":
+        return `Unreachable: nothing answers at ${host}. Is gelf running there, and can this browser reach that port?`;
+      case "refused":
+        return hasToken
+          ? `Refused (403): ${host} does not accept this token.`
+          : `Refused (403): ${host} needs a token. Add it as ${host}#token.`;
+      case "ws-refused":
+        return `${host} answers, but refused the WebSocket (a proxy in between?).`;
+      case "timeout":
+        return `Timed out: ${host} did not complete the connection within ${CONNECT_TIMEOUT_MS / 1000} s.`;
+      case "lost":
+        return "Connection lost: reconnecting.";
+      case "blocked":
+        return "Blocked: an https page can only reach wss:// servers.";
+      case "cannot":
+        return `Cannot connect to ${host}.`;
+      case "closed":
+        return `Closed by ${host} (${link.problemDetail}).`;
+      case "invalid":
+        return `Cannot open a WebSocket to ${host}: ${link.problemDetail}`;
+      default:
+        if (kind.startsWith("http-")) return `${host} answers HTTP ${kind.slice(5)}: is it a gelf server?`;
+        return kind;
+    }
+  }
+
+  const MISMATCH_DETAIL = {
+    auth: "Its messages from the others fail authentication: they use a different key.",
+    not_sealed: "The others send unencrypted messages, and this server has a key.",
+    no_key: "The others send encrypted messages, and this server has no key.",
+  };
+
   class Link {
     constructor(url, own) {
       this.url = url;
       this.own = own;
+      this.statsUrl = statsUrl(url);
+      this.host = new URL(url).host;
+      this.hasToken = new URL(url).searchParams.has("token");
       this.state = "connecting";
       this.rxFrames = 0;
       this.rxBytes = 0;
@@ -208,12 +289,23 @@
       this.attempts = 0;
       this.retryDelay = RETRY_MIN_MS;
       this.retryAt = 0;
-      this.lastClose = "";
+      this.problem = "";   // why the link is not open, as a kind: see problemText
+      this.problemDetail = "";
       this.ws = null;
       this.removed = false;
+      this.everOpen = false;
+      // What the server's /stats said (polled while the link is open, off the relay path).
+      this.server = null;  // {encryption, tap, mtu, offload, version, origin}
+      this.statsPolls = 0; // /stats answers taken
+      this.keyDrops = null; // the KEY_REASONS counters at the previous poll
+      this.mismatch = null; // {reason, at}: which key counter grew most, and when it last grew
       this._retryTimer = 0;
       this._connectTimer = 0;
       this._errored = false;
+      this._statsTimer = 0;
+      this._statsCtl = null;
+      this._statsDelay = STATS_MS;
+      this._probeId = 0;
       this.view = new LinkView(this);
     }
 
@@ -231,9 +323,8 @@
         ws = new WebSocket(this.url);
       } catch (err) {
         this.state = "error";
-        this.lastClose = secure && this.url.startsWith("ws:")
-          ? "blocked: an https page can only reach wss:// servers"
-          : mask(err.message);
+        this.problem = secure && this.url.startsWith("ws:") ? "blocked" : "invalid";
+        this.problemDetail = mask(err.message);
         this._scheduleRetry();
         return;
       }
@@ -253,10 +344,13 @@
         clearTimeout(this._connectTimer);
         opened = true;
         this.state = "open";
+        this.everOpen = true;
         this.retryDelay = RETRY_MIN_MS;
         this.attempts = 0;
-        this.lastClose = "";
+        this.problem = "";
+        this._probeId++;
         openLinks.push(this);
+        this._startStats();
       };
 
       // The hot path: one handler per socket, a header check, one loop over the open links.
@@ -294,17 +388,104 @@
         if (this.ws !== ws) return;
         clearTimeout(this._connectTimer);
         detach(this);
+        this._stopStats();
         this.ws = null;
-        // A refused upgrade (403: missing or wrong token) looks exactly like an unreachable
-        // server from here, and probing it with a cross-origin fetch would be no better.
-        if (timedOut) this.lastClose = "timed out";
+        if (timedOut) this.problem = "timeout";
+        else if (ev.code === 1006 && opened) this.problem = "lost";
         else if (ev.code === 1006) {
-          this.lastClose = opened ? "connection lost" : "unreachable or refused (check the address and token)";
+          // Unreachable, or refused (403: missing or wrong token)? Ask; until the answer,
+          // keep what an earlier attempt found.
+          if (!this.problem || this.problem === "lost") this.problem = "cannot";
+          this._explain();
+        } else {
+          this.problem = "closed";
+          this.problemDetail = `code ${ev.code}${ev.reason ? `: ${mask(ev.reason)}` : ""}`;
         }
-        else this.lastClose = `closed (code ${ev.code}${ev.reason ? `: ${ev.reason}` : ""})`;
         this.state = this._errored ? "error" : "closed";
         this._scheduleRetry();
       };
+    }
+
+    async _explain() {
+      const id = ++this._probeId;
+      const kind = await probe(this.statsUrl);
+      if (id === this._probeId && !this.removed && this.state !== "open") this.problem = kind;
+    }
+
+    // ---- /stats: timers and fetches, never on the relay path; one request in flight at most.
+
+    _startStats() {
+      this._stopStats();
+      this._statsDelay = STATS_MS;
+      this._pollStats();
+    }
+
+    _stopStats() {
+      clearTimeout(this._statsTimer);
+      this._statsTimer = 0;
+      if (this._statsCtl) this._statsCtl.abort();
+      this._statsCtl = null;
+    }
+
+    async _pollStats() {
+      this._statsTimer = 0;
+      const ctl = new AbortController();
+      this._statsCtl = ctl;
+      const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
+      let stats = null;
+      try {
+        const r = await fetch(this.statsUrl, { cache: "no-store", credentials: "omit", signal: ctl.signal });
+        if (r.ok) stats = await r.json();
+      } catch { /* not answering, not readable, aborted, or not JSON: try again later */ }
+      clearTimeout(timer);
+      if (this._statsCtl !== ctl) return; // stopped meanwhile (closed, removed or restarted)
+      this._statsCtl = null;
+      if (stats && typeof stats === "object") {
+        this._takeStats(stats);
+        this._statsDelay = STATS_MS;
+      } else {
+        this._statsDelay = Math.min(this._statsDelay * 2, STATS_MAX_MS);
+      }
+      this._statsTimer = setTimeout(() => this._pollStats(), this._statsDelay);
+    }
+
+    _takeStats(s) {
+      this.statsPolls++;
+      const tap = s.tap && typeof s.tap === "object" ? s.tap : {};
+      const origin = typeof s.origin === "string" ? s.origin : "";
+      if (this.server && this.server.origin !== origin) {
+        // The server restarted (a new origin): its counters start again, and so does the verdict.
+        this.keyDrops = null;
+        this.mismatch = null;
+      }
+      this.server = {
+        encryption: typeof s.encryption === "boolean" ? s.encryption : null,
+        tap: typeof tap.name === "string" ? tap.name : "",
+        mtu: Number(tap.mtu) || 0,
+        offload: tap.offload === true,
+        version: typeof s.version === "string" ? s.version : "",
+        origin,
+      };
+      const drops = s.drops && typeof s.drops === "object" ? s.drops : {};
+      const now = {};
+      for (const r of KEY_REASONS) now[r] = Number(drops[r]) || 0;
+      const before = this.keyDrops;
+      if (before) {
+        let grew = "";
+        let most = 0;
+        for (const r of KEY_REASONS) {
+          const d = now[r] - before[r];
+          if (d > most) { most = d; grew = r; }
+        }
+        if (grew) this.mismatch = { reason: grew, at: Date.now() };
+      }
+      this.keyDrops = now;
+    }
+
+    // The key-mismatch reason to show now, or "".
+    keyMismatch(wall = Date.now()) {
+      const m = this.mismatch;
+      return m && wall - m.at < MISMATCH_HOLD_MS ? m.reason : "";
     }
 
     _scheduleRetry() {
@@ -324,6 +505,8 @@
       this.removed = true;
       clearTimeout(this._retryTimer);
       clearTimeout(this._connectTimer);
+      this._stopStats();
+      this._probeId++;
       detach(this);
       const ws = this.ws;
       this.ws = null;
@@ -340,6 +523,9 @@
       return {
         url, own, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped,
         dupDropped: this.rxDup, badDropped: this.rxBad,
+        rxRate: this.view.rx.last, txRate: this.view.tx.last,
+        problem: this.problem, server: this.server, statsPolls: this.statsPolls,
+        keyMismatch: this.keyMismatch(),
       };
     }
   }
@@ -351,6 +537,22 @@
     if (attrs) for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
     for (const c of children) el.append(c);
     return el;
+  }
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  function s(tag, attrs, ...children) {
+    const el = document.createElementNS(SVG_NS, tag);
+    if (attrs) for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+    for (const c of children) el.append(c);
+    return el;
+  }
+
+  // A padlock, closed or open (16 × 16, drawn in the current text colour).
+  function lockIcon(closed) {
+    return s("svg", { class: "icon", viewBox: "0 0 16 16", "aria-hidden": "true", focusable: "false" },
+      s("path", { d: closed ? "M5 7V5a3 3 0 0 1 6 0v2" : "M5 7V5a3 3 0 0 1 5.6-1.5",
+        fill: "none", stroke: "currentColor", "stroke-width": "1.6", "stroke-linecap": "round" }),
+      s("rect", { x: "3", y: "7", width: "10", height: "7.5", rx: "1.6", fill: "currentColor" }));
   }
 
   const UNITS = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -366,7 +568,7 @@
     constructor(cls, fmt) {
       this.fmt = fmt;
       this.value = -1;
-      this.el = h("td", { class: cls, "data-value": "0" }, fmt(0));
+      this.el = h("span", { class: cls, "data-value": "0" }, fmt(0));
     }
     set(v) {
       if (v === this.value) return;
@@ -387,75 +589,206 @@
     el.textContent = n ? `${count.format(n)} ${n === 1 ? one : many} dropped` : "";
   }
 
+  function show(el, on) {
+    if (el.hidden === on) el.hidden = !on;
+  }
+
+  const SAMPLE_MS = 1000;  // throughput is sampled every second ...
+  const HISTORY = 60;      // ... and graphed over the last minute
+  const GRAPH_H = 32;      // graph viewBox height; the width is HISTORY - 1
+
+  // One direction of a link: its rate (bytes/s over the last sample), a graph of the last
+  // minute of rates, and its totals.
+  class Direction {
+    constructor(cls, label, hint) {
+      this.hist = new Float64Array(HISTORY); // ring of bytes/s samples
+      this.head = 0;                         // next slot to write
+      this.n = 0;                            // samples held (up to HISTORY)
+      this.last = 0;                         // newest sample, rounded
+      this.frames = new Counter(`${cls}-frames`, (v) => count.format(v));
+      this.bytes = new Counter(`${cls}-bytes`, humanBytes);
+      this.rate = h("span", { class: `rate ${cls}-rate`, "data-value": "0" }, "–");
+      this.area = s("path", { class: "area" });
+      this.line = s("path", { class: "line", "vector-effect": "non-scaling-stroke" });
+      this.graph = s("svg", { class: "spark", viewBox: `0 0 ${HISTORY - 1} ${GRAPH_H}`,
+        preserveAspectRatio: "none", "aria-hidden": "true", focusable: "false" },
+      s("line", { class: "base", x1: "0", x2: String(HISTORY - 1), y1: String(GRAPH_H - 0.5),
+        y2: String(GRAPH_H - 0.5), "vector-effect": "non-scaling-stroke" }),
+      this.area, this.line);
+      this.el = h("div", { class: `dir dir-${cls}`, role: "group", "aria-label": label },
+        h("div", { class: "dir-head" },
+          h("span", { class: "dir-label", title: hint }, label),
+          this.rate),
+        this.graph,
+        h("div", { class: "totals" },
+          this.frames.el, h("span", { class: "unit" }, " msgs"), h("span", { class: "sep" }, " · "),
+          this.bytes.el));
+    }
+
+    push(rate, k) {
+      for (let j = 0; j < k; j++) {
+        this.hist[this.head] = rate;
+        this.head = (this.head + 1) % HISTORY;
+      }
+      this.n = Math.min(HISTORY, this.n + k);
+      this.last = Math.round(rate);
+    }
+
+    peak() {
+      let m = 0;
+      for (let j = 0; j < this.n; j++) m = Math.max(m, this.hist[(this.head - 1 - j + HISTORY) % HISTORY]);
+      return m;
+    }
+
+    setRate(open) {
+      const v = open ? this.last : 0;
+      const text = open ? `${humanBytes(v)}/s` : "–";
+      if (this.rate.dataset.value !== String(v)) this.rate.dataset.value = String(v);
+      setText(this.rate, text);
+    }
+
+    // Oldest sample at the left; the newest at the right edge. `max` is the card's scale.
+    draw(max) {
+      if (this.n === 0) return;
+      const top = 2;
+      const span = GRAPH_H - 0.5 - top;
+      let line = "";
+      let x0 = 0;
+      for (let j = this.n - 1; j >= 0; j--) {
+        const v = this.hist[(this.head - 1 - j + HISTORY) % HISTORY];
+        const x = HISTORY - 1 - j;
+        const y = GRAPH_H - 0.5 - (max > 0 ? (v / max) * span : 0);
+        if (!line) x0 = x;
+        line += `${line ? "L" : "M"}${x} ${y.toFixed(2)}`;
+      }
+      this.line.setAttribute("d", line);
+      this.area.setAttribute("d", `${line}L${HISTORY - 1} ${GRAPH_H}L${x0} ${GRAPH_H}Z`);
+    }
+  }
+
   class LinkView {
     constructor(link) {
       this.link = link;
-      this.rxFrames = new Counter("rx-frames", (v) => count.format(v));
-      this.rxBytes = new Counter("rx-bytes", humanBytes);
-      this.txFrames = new Counter("tx-frames", (v) => count.format(v));
-      this.txBytes = new Counter("tx-bytes", humanBytes);
-      this.rxRate = h("td", { class: "rate rx-rate" }, "–");
-      this.txRate = h("td", { class: "rate tx-rate" }, "–");
+      this.rx = new Direction("rx", "From server", "what this server sent, relayed to the others");
+      this.tx = new Direction("tx", "To server", "what the others sent, relayed to this server");
+      // Kept for the existing contract: the raw counters under their historic names.
+      this.rxFrames = this.rx.frames;
+      this.rxBytes = this.rx.bytes;
+      this.txFrames = this.tx.frames;
+      this.txBytes = this.tx.bytes;
+      this.lastRx = 0;
+      this.lastTx = 0;
+
       this.state = h("span", { class: "state" }, link.state);
+      this.enc = h("span", { class: "badge enc", hidden: "" });
+      this.tap = h("span", { class: "badge tap", hidden: "" });
+      this.linkAlert = h("p", { class: "alert alert-link", hidden: "" });
+      this.keyAlert = h("p", { class: "alert alert-key", hidden: "" });
       this.retry = h("span", { class: "retry" });
       this.extra = h("span", { class: "extra" });
       this.dup = h("span", { class: "dup", "data-value": "0",
         title: "messages this page had already relayed (a loop or a second path): not sent again" });
       this.bad = h("span", { class: "bad", "data-value": "0",
         title: "binary messages that are not gelf version 1 (too short or wrong version): not relayed" });
-      this.lastRx = 0;
-      this.lastTx = 0;
-      this.lastTime = performance.now();
+      this._enc = undefined;
+      this._key = "";
 
       const shown = mask(link.url);
       const remove = h("button", { type: "button", class: "remove", "aria-label": `Remove ${shown}` }, "Remove");
       remove.addEventListener("click", () => relay.remove(link.url));
 
-      const row = (label, frames, bytes, rate) =>
-        h("tr", null, h("th", { scope: "row" }, label), frames.el, bytes.el, rate);
       this.el = h("li", { class: "link", "data-url": link.url, "data-state": link.state },
         h("div", { class: "link-head" },
           this.state,
-          link.own ? h("span", { class: "own" }, "this server") : "",
           h("span", { class: "url", title: shown }, shown),
           remove),
-        h("table", { class: "stats" },
-          h("thead", null, h("tr", null,
-            h("td"), h("th", { scope: "col" }, "frames"), h("th", { scope: "col" }, "bytes"),
-            h("th", { scope: "col" }, "rate"))),
-          h("tbody", null,
-            row("Received", this.rxFrames, this.rxBytes, this.rxRate),
-            row("Sent", this.txFrames, this.txBytes, this.txRate))),
+        h("div", { class: "badges" },
+          link.own ? h("span", { class: "badge own" }, "this server") : "",
+          this.enc, this.tap),
+        h("div", { class: "alerts", "aria-live": "polite" }, this.linkAlert, this.keyAlert),
+        h("div", { class: "dirs" }, this.rx.el, this.tx.el),
         h("p", { class: "note" }, this.retry, this.extra, this.dup, this.bad));
       if (link.own) this.el.dataset.own = "";
     }
 
-    update(now, wall) {
+    // Every SAMPLE_MS: rates over the last dt seconds, into the graphs.
+    sample(dt) {
       const l = this.link;
+      const open = l.state === "open";
+      const k = Math.min(HISTORY, Math.max(1, Math.round(dt)));
+      this.rx.push(open ? (l.rxBytes - this.lastRx) / dt : 0, k);
+      this.tx.push(open ? (l.txBytes - this.lastTx) / dt : 0, k);
+      this.lastRx = l.rxBytes;
+      this.lastTx = l.txBytes;
+      this.rx.setRate(open);
+      this.tx.setRate(open);
+      const max = Math.max(this.rx.peak(), this.tx.peak());
+      this.rx.draw(max);
+      this.tx.draw(max);
+    }
+
+    update(wall) {
+      const l = this.link;
+      const open = l.state === "open";
       if (this.el.dataset.state !== l.state) {
         this.el.dataset.state = l.state;
         setText(this.state, l.state);
+        this.rx.setRate(open);
+        this.tx.setRate(open);
+        // Throughput shows once the link has been open; before, the card is about the error.
+        if (l.everOpen) this.el.dataset.everOpen = "";
       }
-      this.rxFrames.set(l.rxFrames);
-      this.rxBytes.set(l.rxBytes);
-      this.txFrames.set(l.txFrames);
-      this.txBytes.set(l.txBytes);
+      this.rx.frames.set(l.rxFrames);
+      this.rx.bytes.set(l.rxBytes);
+      this.tx.frames.set(l.txFrames);
+      this.tx.bytes.set(l.txBytes);
 
-      const dt = (now - this.lastTime) / 1000;
-      if (dt >= 0.9) {
-        const open = l.state === "open";
-        const rate = (bytes, last) => (open ? `${humanBytes(Math.round((bytes - last) / dt))}/s` : "–");
-        setText(this.rxRate, rate(l.rxBytes, this.lastRx));
-        setText(this.txRate, rate(l.txBytes, this.lastTx));
-        this.lastRx = l.rxBytes;
-        this.lastTx = l.txBytes;
-        this.lastTime = now;
+      // What the server says about itself (last known, kept while the link is down).
+      const srv = l.server;
+      const enc = srv ? srv.encryption : null;
+      if (enc !== this._enc) {
+        this._enc = enc;
+        this.enc.replaceChildren();
+        if (enc !== null) {
+          this.enc.append(lockIcon(enc), enc ? "encrypted" : "unencrypted");
+          this.enc.title = enc ? "this server seals its frames with a key (--key)" : "this server has no key";
+          this.enc.dataset.value = String(enc);
+        }
+        show(this.enc, enc !== null);
+      }
+      const tapName = srv ? srv.tap : "";
+      if (tapName && this.tap.textContent !== tapName) {
+        this.tap.textContent = tapName;
+        this.tap.title = `tap device ${tapName}${srv.mtu ? `, MTU ${srv.mtu}` : ""}${srv.offload ? ", offload on" : ""}`;
+      }
+      show(this.tap, !!tapName);
+
+      // Human errors: why the link is down, and what the server's drop counters say.
+      const problem = open ? "" : l.problem;
+      if (this.el.dataset.problem !== problem) {
+        this.el.dataset.problem = problem;
+        this.linkAlert.dataset.kind = problem;
+        show(this.linkAlert, !!problem);
+      }
+      setText(this.linkAlert, problem ? problemText(problem, l) : "");
+      const key = l.keyMismatch(wall);
+      if (key !== this._key) {
+        this._key = key;
+        this.keyAlert.replaceChildren();
+        if (key) {
+          this.keyAlert.append(h("strong", null, "Key mismatch:"),
+            " this server drops what the others send (check --key). ",
+            h("span", { class: "detail" }, MISMATCH_DETAIL[key]));
+        }
+        this.keyAlert.dataset.reason = key;
+        show(this.keyAlert, !!key);
       }
 
       let retry = "";
       if (l.retryAt) {
-        const s = Math.max(0, Math.ceil((l.retryAt - wall) / 1000));
-        retry = `${l.lastClose ? l.lastClose + " · " : ""}retry in ${s} s`;
+        const secs = Math.max(0, Math.ceil((l.retryAt - wall) / 1000));
+        retry = `retry in ${secs} s`;
+        if (l.attempts > 1) retry += ` (attempt ${l.attempts + 1})`;
       } else if (l.state === "connecting" && l.attempts > 1) {
         retry = `attempt ${l.attempts}`;
       }
@@ -493,7 +826,7 @@
     links.push(link);
     list.append(link.view.el);
     link.connect();
-    link.view.update(performance.now(), Date.now());
+    link.view.update(Date.now());
     rememberPeers();
     refresh();
     return link;
@@ -540,15 +873,24 @@
   }
 
   function refresh() {
-    const now = performance.now();
     const wall = Date.now();
     let open = 0;
     for (const l of links) {
-      l.view.update(now, wall);
+      l.view.update(wall);
       if (l.state === "open") open++;
     }
     empty.hidden = links.length !== 0;
     setText(summary, links.length ? `${open} of ${links.length} open` : "");
+    summary.dataset.state = !links.length ? "" : open === links.length ? "ok" : open ? "partial" : "down";
+  }
+
+  let lastSample = performance.now();
+  function sample() {
+    const now = performance.now();
+    const dt = (now - lastSample) / 1000;
+    lastSample = now;
+    if (dt <= 0) return;
+    for (const l of links) l.view.sample(dt);
   }
 
   function say(text, isError) {
@@ -590,6 +932,7 @@
     find,
     normalize,
     mask,
+    statsUrl,
     stats: () => links.map((l) => l.toJSON()),
     get seenOrigins() { return seen.size; },
     SeenFilter,  // exposed for tests (compare with gelf/seen.py)
@@ -609,4 +952,5 @@
 
   refresh();
   setInterval(refresh, UI_INTERVAL_MS);
+  setInterval(sample, SAMPLE_MS);
 })();
