@@ -7,7 +7,7 @@
 #                 (BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--only R1 direct" for some rows)
 #   make clean    remove the venv and build/test leftovers
 #   make install  install system-wide (as root): venv /opt/gelf, /usr/local/bin/gelf, systemd units,
-#                 /etc/gelf/gelf.conf; DESTDIR=/stage stages it instead (systemd/README.md)
+#                 /etc/gelf/gelf.conf; DESTDIR=/stage stages it instead (README: Running as a service)
 #   make uninstall  remove what install put there; keeps /etc/gelf (configs and keys)
 
 PYTHON      ?= python3
