@@ -180,6 +180,8 @@ def check_token(expected, drops):
     given = httputil.parse_query_string(cherrypy.serving.request.query_string).get("token")
     if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
         drops.add("forbidden")
+        # Readable cross-origin, so a relaying page can tell "refused" from "unreachable".
+        cherrypy.serving.response.headers["Access-Control-Allow-Origin"] = "*"
         raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")
 
 
