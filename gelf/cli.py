@@ -29,34 +29,24 @@ class UserError(Exception):
     """A mistake in how gelf was started: one line to the user, exit status 1."""
 
 
-def _port(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a port number" % text) from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError("port %d is out of range (1..65535)" % value)
-    return value
+def _in_range(name, convert, low, high):
+    """An argparse type: `convert(text)`, which must lie in [low, high]; a usage error otherwise."""
+
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError("%r is not a valid %s" % (text, name)) from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError("%s %s is out of range (%s..%s)" % (name, text, low, high))
+        return value
+
+    return parse
 
 
-def _mtu(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
-    if not MIN_MTU <= value <= MAX_MTU:
-        raise argparse.ArgumentTypeError("MTU %d is out of range (%d..%d)" % (value, MIN_MTU, MAX_MTU))
-    return value
-
-
-def _megabytes(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a number" % text) from None
-    if not 0 < value <= 1 << 20:
-        raise argparse.ArgumentTypeError("%s MB is not a usable size (more than 0, at most 1048576)" % text)
-    return value
+_port = _in_range("port", int, 1, 65535)
+_mtu = _in_range("MTU", int, MIN_MTU, MAX_MTU)
+_megabytes = _in_range("size in MB", float, 0.01, 1 << 20)
 
 
 def build_parser():

@@ -200,12 +200,13 @@ def browser(need_chromium):
 
 @pytest.fixture
 def open_page(request, browser):
-    """Factory: open_page(url) -> a Playwright Page in a fresh context; closed at teardown."""
+    """Factory: open_page(url, **context_options) -> a Playwright Page in a fresh context
+    (options as for browser.new_context: viewport, is_mobile, color_scheme...); closed at teardown."""
     contexts = []
     request.node._gelf_consoles = []
 
-    def open_(url):
-        ctx = browser.new_context()
+    def open_(url, **context_options):
+        ctx = browser.new_context(**context_options)
         contexts.append(ctx)
         page = ctx.new_page()
         console = []

@@ -25,33 +25,17 @@ TOKEN = "correct-horse"
 # ---------------------------------------------------------------- helpers
 
 @pytest.fixture
-def open_view(request, browser):
-    """Factory: open_view(url, viewport, phone=False) -> a Page in a fresh context of that size
-    (a phone context is mobile, touch, 3x pixels); closed at teardown."""
-    contexts = []
-    request.node._gelf_consoles = []
+def open_view(open_page):
+    """Factory: open_view(url, viewport, phone=False, dark=False) -> a Page in a fresh context of
+    that size (a phone context is mobile, touch, 3x pixels)."""
 
     def open_(url, viewport, phone=False, dark=False):
         opts = {"viewport": viewport, "color_scheme": "dark" if dark else "light"}
         if phone:
             opts.update(is_mobile=True, has_touch=True, device_scale_factor=3)
-        ctx = browser.new_context(**opts)
-        contexts.append(ctx)
-        page = ctx.new_page()
-        console = []
-        request.node._gelf_consoles.append((f"{url} {viewport}", console))
-        page.on("console", lambda m: console.append(f"[{m.type}] {m.text}"))
-        page.on("pageerror", lambda e: console.append(f"[pageerror] {e}"))
-        page.set_default_timeout(15_000)
-        page.goto(url)
-        return page
+        return open_page(url, **opts)
 
-    yield open_
-    for ctx in contexts:
-        try:
-            ctx.close()
-        except Exception:
-            pass
+    return open_
 
 
 def pair(gelf_server, ns_addr, extra1=(), extra2=()):
