@@ -623,7 +623,9 @@ class Bench:
                                                 tool_version(["iperf3", "--version"])),
                 "- run: %s%.0f s; load average (1 min) before / after: %.2f / %.2f%s" % (
                     "--quick, " if self.args.quick else "", elapsed, self.load[0], self.load[-1],
-                    " (other work was running: figures are pessimistic)" if max(self.load) > 0.5 else ""),
+                    # The bench loads the machine itself: only a load before it started says other work ran.
+                    " (other work was running before the start: figures may be pessimistic)"
+                    if self.load[0] > 0.5 else " (after: the bench's own load)"),
                 ""]
         tap_rows = [r for r in rows if r != "R3"]
         if tap_rows:
