@@ -55,11 +55,6 @@ def mask(data, key):
     return out
 
 
-def mask_reference(data, key):
-    """The RFC's byte-by-byte definition, kept to test `mask` against."""
-    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
-
-
 def frame(payload, opcode=OP_BINARY, masked=False):
     """One complete (FIN) frame. Clients must mask what they send, servers must not."""
     n = len(payload)

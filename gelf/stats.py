@@ -1,7 +1,6 @@
 """Counters shared by the data path, read by /stats."""
 
 import threading
-import time
 
 DROP_REASONS = ("text", "empty", "oversize", "malformed", "unknown_type", "auth", "not_sealed", "no_key",
                 "replay", "loop", "forbidden", "offload", "queue_full", "tap_write")
@@ -30,7 +29,8 @@ class Drops:
 
 
 class Traffic:
-    """Messages/frames and bytes in one direction. Only one thread writes each instance."""
+    """Messages/frames and bytes in one direction. Writers are serialised by their owner (one
+    reader thread per link, or a lock), so adding needs no lock of its own."""
 
     __slots__ = ("count", "bytes")
 
@@ -41,7 +41,3 @@ class Traffic:
     def add(self, nbytes, n=1):
         self.count += n
         self.bytes += nbytes
-
-
-def uptime_since(started):
-    return round(time.monotonic() - started, 3)

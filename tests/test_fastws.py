@@ -15,16 +15,21 @@ from gelf.links import QUEUE_MESSAGES, Link
 from gelf.stats import Drops
 
 
+def mask_reference(data, key):
+    """RFC 6455 section 5.3, byte by byte."""
+    return bytes(b ^ key[i % 4] for i, b in enumerate(data))
+
+
 @pytest.mark.parametrize("seed", range(60))
 def test_fast_mask_matches_the_rfc_definition(seed):
     rng = random.Random(seed)
     data = rng.randbytes(rng.choice([0, 1, 2, 3, 4, 5, 125, 126, 1514, 2047, 2048, 2049, 2051, 65536, rng.randint(0, 70000)]))
     key = rng.randbytes(4)
-    assert fastws.mask(data, key) == fastws.mask_reference(data, key)
+    assert fastws.mask(data, key) == mask_reference(data, key)
     assert fastws.mask(fastws.mask(data, key), key) == data
     framed = bytearray(b"head" + data)
     fastws.mask_into(framed, key, start=4)  # in place, after a header
-    assert framed == b"head" + fastws.mask_reference(data, key)
+    assert framed == b"head" + mask_reference(data, key)
 
 
 def test_masking_interoperates_with_ws4py():
