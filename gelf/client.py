@@ -82,6 +82,7 @@ class _Connection(fastws.FastReceive, WebSocketBaseClient):
         super().__init__(link.url, headers=[("User-Agent", "gelf/%s %s" % (__version__, link.kind))])
         self.link = link
         self.reader = fastws.FrameReader(expect_masked=False, max_message=link.max_message)
+        self.deliver = link.deliver
         self.sock.settimeout(CONNECT_TIMEOUT)
         if self.scheme == "wss":
             # ws4py's own TLS setup verifies nothing by default: wrap the socket with our
@@ -92,17 +93,6 @@ class _Connection(fastws.FastReceive, WebSocketBaseClient):
 
     def handshake_ok(self):
         """The dialer thread runs the connection itself (see DialLink._run)."""
-
-    def on_message(self, opcode, payload):
-        link = self.link
-        link.rx.add(len(payload))
-        if opcode != fastws.OP_BINARY:
-            link.drops.add("text")
-            return
-        link.deliver(payload, link)
-
-    def on_protocol_error(self, err):
-        self.link.drops.add("oversize" if err.code == 1009 else "malformed")
 
 
 class DialLink(Link):

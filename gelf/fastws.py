@@ -12,10 +12,13 @@ its byte path, which profiles showed to be the bottleneck:
 - `frame` builds a frame header with struct instead of ws4py's generic message objects.
 """
 
+import logging
 import os
 import struct
 
 import numpy
+
+log = logging.getLogger("gelf.fastws")
 
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 RECV_SIZE = 256 * 1024
@@ -157,14 +160,16 @@ class FrameReader:
 class FastReceive:
     """Mixin for a ws4py WebSocket (server handler or client): `once()` reads big chunks.
 
-    The class mixing it in sets `self.reader` (a FrameReader) and `self.link` (the Link that
-    writes for it, or None before it exists) and implements `on_message(opcode, payload)`.
-    Pings are answered, a close is answered and ends the connection, protocol errors close
-    it with their code; ws4py's `terminate()` then calls `closed()` as usual.
+    The class mixing it in sets `self.reader` (a FrameReader), `self.link` (the Link that
+    writes for it and counts for it) and `self.deliver` (a callable(payload, link) taking every
+    binary message: the pump in a server, the relay's hub in a relay). Text messages are counted
+    as drops; pings are answered; a close is answered and ends the connection; protocol errors
+    are counted and close it with their code. ws4py's `terminate()` then calls `closed()`.
     """
 
     reader = None
     link = None
+    deliver = None
 
     def once(self):
         if self.terminated:
@@ -180,18 +185,26 @@ class FastReceive:
             return False
         if not data:
             return False
+        link = self.link  # ws4py calls opened(), which makes it, before it polls the socket
         try:
             messages = self.reader.feed(data)
         except ProtocolError as err:
-            self.on_protocol_error(err)
+            if link is not None:
+                link.drops.add("oversize" if err.code == 1009 else "malformed")
+                log.debug("closing %s: %s", link.peer, err.reason)
             self.close(err.code, err.reason)
             return False
         for opcode, payload in messages:
-            if opcode in (OP_BINARY, OP_TEXT):
-                self.on_message(opcode, payload)
+            if link is None:
+                break
+            if opcode == OP_BINARY:
+                link.rx.add(len(payload))
+                self.deliver(payload, link)
+            elif opcode == OP_TEXT:
+                link.rx.add(len(payload))
+                link.drops.add("text")  # gelf speaks binary only
             elif opcode == OP_PING:
-                if self.link is not None:
-                    self.link.offer_frame(frame(payload, OP_PONG, masked=not self.reader.expect_masked))
+                link.offer_frame(frame(payload, OP_PONG, masked=not self.reader.expect_masked))
             elif opcode == OP_CLOSE:
                 code = struct.unpack_from("!H", payload)[0] if len(payload) >= 2 else 1005
                 self.stream.closing = self.stream.close(code=code)
@@ -199,6 +212,3 @@ class FastReceive:
                 self.close(code if code not in (1005, 1006) else 1000)
                 return False
         return True
-
-    def on_protocol_error(self, err):
-        """Hook: count or log a peer's protocol error before the connection closes."""

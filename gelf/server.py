@@ -59,11 +59,11 @@ class GelfSocket(fastws.FastReceive, WebSocket):
 
     def __init__(self, *args, pump, links, drops, **kwargs):
         super().__init__(*args, **kwargs)
-        self.pump = pump
         self.links = links
         self.drops = drops
         self.link = None
         self.reader = fastws.FrameReader(expect_masked=True, max_message=pump.max_message)
+        self.deliver = pump.deliver
 
     def opened(self):
         try:
@@ -80,20 +80,6 @@ class GelfSocket(fastws.FastReceive, WebSocket):
         self.link.start()
         self.links.add(self.link)
         log.info("link %d open: %s %s", self.link.id, self.link.kind, peer)
-
-    def on_message(self, opcode, payload):
-        link = self.link
-        if link is None:
-            return
-        link.rx.add(len(payload))
-        if opcode != fastws.OP_BINARY:
-            link.drops.add("text")
-            return
-        self.pump.deliver(payload, link)
-
-    def on_protocol_error(self, err):
-        (self.link.drops if self.link else self.drops).add("oversize" if err.code == 1009 else "malformed")
-        log.debug("closing %s: %s", self.link.peer if self.link else "?", err.reason)
 
     def closed(self, code, reason=None):
         link = self.link
