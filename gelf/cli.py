@@ -15,7 +15,7 @@ import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
 from gelf import __version__, keys, pcap, server, wire
-from gelf.client import DialLink, check_url, tls_context
+from gelf.client import DialLink, dial_context
 from gelf.links import LinkSet
 from gelf.pump import Pump
 from gelf.stats import Drops
@@ -216,9 +216,7 @@ def is_loopback(host):
 def load_dial_context(args):
     """The TLS context for --connect links, after checking their URLs."""
     try:
-        for url in args.connect:
-            check_url(url)
-        return tls_context(args.cacert, args.insecure)
+        return dial_context(args.connect, args.cacert, args.insecure)
     except ValueError as err:
         raise UserError(str(err)) from None
 

@@ -42,6 +42,14 @@ def tls_context(cacert=None, insecure=False):
     return context
 
 
+def dial_context(urls, cacert=None, insecure=False):
+    """The TLS context for dialing `urls`, after checking that each is a WebSocket URL
+    (ValueError, with a message for the user, otherwise)."""
+    for url in urls:
+        check_url(url)
+    return tls_context(cacert, insecure)
+
+
 def check_url(url):
     """The URL if it is a ws:// or wss:// URL with a host, else ValueError."""
     parts = urllib.parse.urlsplit(url)

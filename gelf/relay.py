@@ -13,7 +13,7 @@ import sys
 import threading
 
 from gelf import __version__, wire
-from gelf.client import DialLink, check_url, tls_context
+from gelf.client import DialLink, dial_context
 from gelf.links import LinkSet
 from gelf.seen import SeenFilter
 from gelf.stats import Drops
@@ -75,9 +75,7 @@ def main(argv=None):
     if len(args.urls) < 2:
         parser.error("give at least two server URLs to relay between")
     try:
-        for url in args.urls:
-            check_url(url)
-        context = tls_context(args.cacert, args.insecure)
+        context = dial_context(args.urls, args.cacert, args.insecure)
     except ValueError as err:
         parser.error(str(err))
     setup_logging(args.debug)
