@@ -10,13 +10,15 @@ import pwd
 import socket
 import ssl
 import sys
+import threading
 
 import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, keys, pcap, server, wire
+from gelf import __version__, keys, loop, pcap, server, wire
 from gelf.client import DialLink, dial_context
 from gelf.links import LinkSet
+from gelf.logs import setup_logging
 from gelf.pump import Pump
 from gelf.stats import Drops
 from gelf.switch import MacTable
@@ -27,6 +29,13 @@ log = logging.getLogger("gelf")
 
 class UserError(Exception):
     """A mistake in how gelf was started: one line to the user, exit status 1."""
+
+
+class TapLost(Exception):
+    """The tap vanished while gelf ran (exit status 3: systemd's Restart=on-failure makes a new one)."""
+
+
+EXIT_TAP_LOST = 3
 
 
 def _in_range(name, convert, low, high):
@@ -47,6 +56,7 @@ def _in_range(name, convert, low, high):
 _port = _in_range("port", int, 1, 65535)
 _mtu = _in_range("MTU", int, MIN_MTU, MAX_MTU)
 _megabytes = _in_range("size in MB", float, 0.01, 1 << 20)
+_seconds = _in_range("number of seconds", float, 0.1, 86400)
 
 
 def build_parser():
@@ -107,19 +117,18 @@ def build_parser():
     security.add_argument("--user", metavar="NAME",
                           help="drop root to this user once the tap exists and the port is bound")
     security.add_argument("--group", metavar="NAME", help="group for --user (default: the user's own group)")
+    limits = parser.add_argument_group("limits")
+    limits.add_argument("--keepalive", metavar="SECONDS", type=_seconds, default=loop.KEEPALIVE,
+                        help="send a WebSocket ping on a link that was silent this long, and close it "
+                        "when nothing comes back for as long again: a peer that vanished without "
+                        "closing (a half-open connection) is gone within twice this (default: %(default)g)")
+    limits.add_argument("--stall-timeout", metavar="SECONDS", type=_seconds, default=loop.STALL,
+                        help="close a link whose peer takes none of the frames waiting for it for this "
+                        "long; until then only that link drops frames (default: %(default)g)")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="log every link event and dropped message, and CherryPy's own log")
     parser.add_argument("--version", action="version", version="gelf " + __version__)
     return parser
-
-
-def setup_logging(debug):
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[Gelf] %(message)s"))
-    root = logging.getLogger("gelf")
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
 
 
 def check_port(host, port):
@@ -246,15 +255,24 @@ def run(args):
     engine = cherrypy.engine
     links = LinkSet()
     drops = Drops()
-    pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None, capture=capture)
-    dials = [DialLink(url, links, pump.deliver, drops, context, max_message=pump.max_message)
+    lost = []  # why the tap was lost at run time, if it was
+
+    def tap_lost(why):
+        lost.append(why)
+        threading.Thread(target=engine.exit, name="gelf-exit", daemon=True).start()
+
+    pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None, capture=capture,
+                on_fatal=tap_lost)
+    manager = server.WebSocketLinks(links, drops, pump.deliver, pump.max_message,
+                                    keepalive=args.keepalive, stall=args.stall_timeout)
+    dials = [DialLink(url, links, pump.deliver, drops, manager, context, max_message=pump.max_message)
              for url in args.connect]
     try:
         for cidr in args.address:
             tap.add_address(cidr)
         if args.bridge:
             tap.join_bridge(args.bridge)
-        server.mount(engine, args.host, args.port, tap, pump, links, drops,
+        server.mount(engine, args.host, args.port, tap, pump, links, drops, manager,
                      debug=args.debug, token=token, tls=tls)
         if ids:
             DropPrivileges(engine, uid=ids[0], gid=ids[1]).subscribe()
@@ -267,15 +285,18 @@ def run(args):
         if args.insecure:
             log.warning("warning: --insecure: wss:// certificates of --connect links are not verified")
         for dial in dials:
-            engine.subscribe("stop", dial.stop)
+            engine.subscribe("stop", dial.stop, priority=10)  # before the link loop stops
             dial.start()
         if not (sealer or token or is_loopback(args.host)):
             log.warning("warning: listening on %s with neither a key nor a token: anyone who can reach "
                         "port %d can put frames on this network", args.host, args.port)
         engine.block()
+        if lost:
+            raise TapLost(lost[0])
     finally:
         pump.stop()
-        links.stop_all()
+        manager.stop()
+        manager.join()
         tap.close()
         if capture:
             capture.close()
@@ -294,6 +315,9 @@ def main(argv=None):
     except (UserError, TapError, keys.SecretError) as err:
         print("gelf: error: %s" % err, file=sys.stderr)
         return 1
+    except TapLost as err:
+        print("gelf: error: %s" % err, file=sys.stderr)
+        return EXIT_TAP_LOST
     except KeyboardInterrupt:
         pass
     return 0

@@ -15,6 +15,8 @@ import threading
 from gelf import __version__, wire
 from gelf.client import DialLink, dial_context
 from gelf.links import LinkSet
+from gelf.logs import setup_logging
+from gelf.loop import LinkLoop
 from gelf.seen import SeenFilter
 from gelf.stats import Drops
 
@@ -26,7 +28,9 @@ class Relay:
         self.links = LinkSet()
         self.drops = Drops()
         self.seen = SeenFilter()
-        self.dials = [DialLink(url, self.links, self.deliver, self.drops, context, kind="relay") for url in urls]
+        self.loop = LinkLoop()
+        self.dials = [DialLink(url, self.links, self.deliver, self.drops, self.loop, context, kind="relay")
+                      for url in urls]
 
     def deliver(self, data, link):
         """Forward a message to every other server, unless it was already relayed."""
@@ -41,12 +45,15 @@ class Relay:
         self.links.offer(data, exclude=link)
 
     def start(self):
+        self.loop.start()
         for dial in self.dials:
             dial.start()
 
     def stop(self):
         for dial in self.dials:
             dial.stop()
+        self.loop.stop()
+        self.loop.join()
         for dial in self.dials:
             dial.join(2)
 
@@ -68,8 +75,6 @@ def build_parser():
 
 
 def main(argv=None):
-    from gelf.cli import setup_logging
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if len(args.urls) < 2:
