@@ -15,7 +15,7 @@ import threading
 import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, keys, loop, pcap, server, wire
+from gelf import __version__, guard, keys, loop, pcap, server, wire
 from gelf.client import DialLink, dial_context
 from gelf.links import LinkSet
 from gelf.logs import setup_logging
@@ -114,6 +114,11 @@ def build_parser():
                           help="read the token from PATH (mode 0600), so it stays out of ps")
     security.add_argument("--ssl-cert", metavar="FILE", help="serve https and wss with this certificate (PEM)")
     security.add_argument("--ssl-key", metavar="FILE", help="private key (PEM) for --ssl-cert")
+    security.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
+                          help="only pages from this origin (scheme://host[:port]; repeatable), besides "
+                          "this server's own page, may use it from a browser: the relay page at "
+                          "another gelf server, for instance. Others get 403. Without it any web page "
+                          "may (see the start-up warning)")
     security.add_argument("--user", metavar="NAME",
                           help="drop root to this user once the tap exists and the port is bound")
     security.add_argument("--group", metavar="NAME", help="group for --user (default: the user's own group)")
@@ -222,6 +227,13 @@ def is_loopback(host):
         return host == "localhost"
 
 
+def load_policy(args):
+    try:
+        return guard.OriginPolicy(args.allow_origin)
+    except ValueError as err:
+        raise UserError("--allow-origin: %s" % err) from None
+
+
 def load_dial_context(args):
     """The TLS context for --connect links, after checking their URLs."""
     try:
@@ -248,6 +260,7 @@ def run(args):
     tls = load_tls(args)
     ids = lookup_ids(args)
     context = load_dial_context(args)
+    policy = load_policy(args)
     check_port(args.host, args.port)
     capture = open_capture(args)
     tap = Tap(args.dev, args.mtu, offload=args.offload)
@@ -273,7 +286,7 @@ def run(args):
         if args.bridge:
             tap.join_bridge(args.bridge)
         server.mount(engine, args.host, args.port, tap, pump, links, drops, manager,
-                     debug=args.debug, token=token, tls=tls)
+                     debug=args.debug, token=token, tls=tls, policy=policy)
         if ids:
             DropPrivileges(engine, uid=ids[0], gid=ids[1]).subscribe()
         engine.signal_handler.handlers = {"SIGTERM": engine.exit, "SIGINT": engine.exit}
@@ -287,9 +300,14 @@ def run(args):
         for dial in dials:
             engine.subscribe("stop", dial.stop, priority=10)  # before the link loop stops
             dial.start()
-        if not (sealer or token or is_loopback(args.host)):
-            log.warning("warning: listening on %s with neither a key nor a token: anyone who can reach "
-                        "port %d can put frames on this network", args.host, args.port)
+        if not (sealer or token):
+            if not is_loopback(args.host):
+                log.warning("warning: listening on %s with neither a key nor a token: anyone who can "
+                            "reach port %d can put frames on this network", args.host, args.port)
+            if not policy.allowed:
+                log.warning("warning: any web page open in a browser that can reach this server (on "
+                            "this machine too) can join this network through it: set --key, --token "
+                            "or --allow-origin")
         engine.block()
         if lost:
             raise TapLost(lost[0])

@@ -175,16 +175,16 @@ class DialLink(Link):
             log.log(level, "link to %s: %s", self.peer, what)
 
     def _wait(self, delay, state):
-        self.state = state
         delay *= random.uniform(0.8, 1.2)
         self.next_try = time.time() + delay
+        self.state = state
         self._wake.wait(delay)
-        self.next_try = None
 
     def _run(self):
         delay = RETRY_MIN
         while not self._stopped:
             self.state = "connecting"
+            self.next_try = None
             handshake = None
             try:
                 handshake = _Handshake(self, self.context)

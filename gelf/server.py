@@ -5,7 +5,6 @@ to WebSocketLinks, gelf's link loop (loop.py), as a SocketLink (links.py) whose 
 messages go to Pump.deliver.
 """
 
-import hmac
 import logging
 import socket
 import string
@@ -14,11 +13,11 @@ import time
 from pathlib import Path
 
 import cherrypy
-from cherrypy.lib import httputil
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 
-from gelf import __version__, fastws, metrics
+from gelf import __version__, fastws, guard, metrics
 from gelf.links import Link
+from gelf.logs import Redact
 from gelf.loop import LinkLoop
 
 log = logging.getLogger("gelf.server")
@@ -89,6 +88,10 @@ class WebSocketLinks(LinkLoop):
         self.attach(link, upgrade.sock, fastws.Connection(client=False, max_message=self.max_message))
 
 
+# What a foreign page relaying for this server may read in /stats (what the page shows).
+SUMMARY = ("version", "uptime", "origin", "encryption", "tap", "drops")
+
+
 class Root:
     """The HTTP side: the relay page and the statistics."""
 
@@ -133,9 +136,12 @@ class Root:
     @cherrypy.expose
     @cherrypy.tools.json_out()
     def stats(self, **params):
-        # Pages relaying for this server show its errors (e.g. a key mismatch): allow them to read.
-        cherrypy.response.headers["Access-Control-Allow-Origin"] = "*"
-        return self.snapshot()
+        """The snapshot as JSON. Pages relaying for this server show its errors (a key mismatch)
+        from it: a foreign page that may relay reads the summary, without links (guard.py)."""
+        snapshot = self.snapshot()
+        if guard.allow_reading(cherrypy.serving.request, cherrypy.serving.response) is guard.Origin.FOREIGN:
+            return {key: snapshot[key] for key in SUMMARY}
+        return snapshot
 
     @cherrypy.expose
     def metrics(self, **params):
@@ -145,31 +151,17 @@ class Root:
         return body
 
 
-def check_token(expected, drops):
-    """Refuse (403) a request whose `token` query parameter is not the server's token.
-
-    Runs before CherryPy has parsed the query string into request.params (and before ws4py's
-    upgrade), so it parses the query string itself.
-    """
-    given = httputil.parse_query_string(cherrypy.serving.request.query_string).get("token")
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
-        drops.add("forbidden")
-        # Readable cross-origin, so a relaying page can tell "refused" from "unreachable".
-        cherrypy.serving.response.headers["Access-Control-Allow-Origin"] = "*"
-        raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")
-
-
-def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, token=None, tls=None):
+def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, token=None, tls=None,
+          policy=None):
     """Configure CherryPy to serve gelf on host:port; the caller starts the engine.
 
     `manager` (WebSocketLinks) takes every upgraded /ws connection; `tls` is (certificate
-    file, private key file) to serve https and wss.
+    file, private key file) to serve https and wss; `policy` says which pages may use it.
     """
     plugin = WebSocketPlugin(engine)
     plugin.manager = manager
     plugin.subscribe()
     cherrypy.tools.websocket = WebSocketTool()
-    cherrypy.tools.gelf_token = cherrypy.Tool("on_start_resource", check_token, priority=10)
     settings = {
         "server.socket_host": host,
         "server.socket_port": port,
@@ -187,9 +179,7 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
         })
     cherrypy.config.update(settings)
     root = {"tools.encode.on": True}
-    if token:
-        root.update({"tools.gelf_token.on": True, "tools.gelf_token.expected": token,
-                     "tools.gelf_token.drops": drops})
+    guard.install(root, token, policy or guard.OriginPolicy(), drops)
     config = {
         "/": root,
         "/ws": {"tools.websocket.on": True, "tools.websocket.handler_cls": Upgrade},
@@ -199,4 +189,7 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
             "tools.staticdir.dir": str(asset_dir("static")),
         },
     }
-    cherrypy.tree.mount(Root(tap, pump, links, drops), "/", config)
+    app = cherrypy.tree.mount(Root(tap, pump, links, drops), "/", config)
+    for log_manager in (cherrypy.log, app.log):  # -d shows CherryPy's logs: no ?token=... in them
+        for logger in (log_manager.access_log, log_manager.error_log):
+            logger.addFilter(Redact())

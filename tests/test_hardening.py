@@ -221,3 +221,15 @@ def test_10_a_half_open_peer_is_found_by_keepalive(netns, tmp_path):
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
+
+
+# ---------------------------------------------------------------- issue 15, finding 6
+
+def test_15_6_a_link_that_cannot_connect_is_listed_with_its_error(gelf_server):
+    dead = helpers.free_port()  # nothing listens there
+    s = gelf_server(extra=["--connect", f"ws://127.0.0.1:{dead}/ws?token=hidden-token"])
+    link = wait_for(lambda: next((l for l in links_of(s) if l["state"] == "retrying"), None), WAIT,
+                    what="the dialing link in /stats")
+    assert link["kind"] == "direct" and link["peer"] == f"ws://127.0.0.1:{dead}/ws"
+    assert link["error"] == "connection refused" and link["next_try"] > time.time() - 1
+    assert "hidden-token" not in json.dumps(s.stats()) and "hidden-token" not in s.log_text()
