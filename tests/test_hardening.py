@@ -233,3 +233,15 @@ def test_15_6_a_link_that_cannot_connect_is_listed_with_its_error(gelf_server):
     assert link["kind"] == "direct" and link["peer"] == f"ws://127.0.0.1:{dead}/ws"
     assert link["error"] == "connection refused" and link["next_try"] > time.time() - 1
     assert "hidden-token" not in json.dumps(s.stats()) and "hidden-token" not in s.log_text()
+
+
+def test_15_6_the_wrong_scheme_is_named(gelf_server, tmp_path):
+    cert, key = certificate(tmp_path)
+    tls = gelf_server(extra=["--ssl-cert", str(cert), "--ssl-key", str(key)])
+    plain = gelf_server()
+    dialer = gelf_server(extra=["--connect", f"ws://127.0.0.1:{tls.port}/ws",
+                                "--connect", f"wss://127.0.0.1:{plain.port}/ws", "--cacert", str(cert)])
+    assert dialer.logs[-1].wait_line(rf"link to ws://127\.0\.0\.1:{tls.port}/ws: cannot connect: .*use wss://",
+                                     WAIT), dialer.log_text()
+    assert dialer.logs[-1].wait_line(rf"link to wss://127\.0\.0\.1:{plain.port}/ws: cannot connect: "
+                                     r"the server does not speak TLS: use ws://", WAIT), dialer.log_text()
