@@ -16,7 +16,7 @@ import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
 from gelf import __version__, guard, keys, loop, pcap, server, wire
-from gelf.client import DialLink, dial_context
+from gelf.client import DialLink, dial_context, normalize_url
 from gelf.links import LinkSet
 from gelf.logs import setup_logging
 from gelf.pump import Pump
@@ -94,8 +94,9 @@ def build_parser():
                          "(default: %(default)s)")
     links = parser.add_argument_group("direct links")
     links.add_argument("--connect", metavar="URL", action="append", default=[],
-                       help="also dial this server, no browser needed: ws://host:port/ws or wss://... "
-                       "(add ?token=... if it has one; repeatable); reconnects by itself")
+                       help="also dial this server, no browser needed: host:port (ws://host:port/ws), "
+                       "ws://host:port/ws or wss://...; add #TOKEN (or ?token=TOKEN) if it has one; "
+                       "repeatable; reconnects by itself")
     links.add_argument("--cacert", metavar="FILE", help="also trust this CA for wss:// links")
     links.add_argument("--insecure", action="store_true",
                        help="do not verify wss:// certificates (anyone on the path can then read tokens)")
@@ -235,7 +236,11 @@ def load_policy(args):
 
 
 def load_dial_context(args):
-    """The TLS context for --connect links, after checking their URLs."""
+    """The TLS context for --connect links, after checking (and normalizing) their URLs."""
+    try:
+        args.connect = [normalize_url(url) for url in args.connect]
+    except ValueError as err:
+        raise UserError("--connect: %s" % err) from None
     try:
         return dial_context(args.connect, args.cacert, args.insecure)
     except ValueError as err:

@@ -43,19 +43,48 @@ def tls_context(cacert=None, insecure=False):
 
 
 def dial_context(urls, cacert=None, insecure=False):
-    """The TLS context for dialing `urls`, after checking that each is a WebSocket URL
-    (ValueError, with a message for the user, otherwise)."""
-    for url in urls:
-        check_url(url)
+    """The TLS context for dialing `urls` (already normalized), after checking that the TLS
+    options apply to one of them (ValueError, with a message for the user, otherwise)."""
+    if (cacert or insecure) and not any(url.startswith("wss://") for url in urls):
+        raise ValueError("%s only applies to wss:// links, and no link is wss://"
+                         % ("--insecure" if insecure else "--cacert"))
     return tls_context(cacert, insecure)
 
 
 def check_url(url):
-    """The URL if it is a ws:// or wss:// URL with a host, else ValueError."""
+    """The URL if it is a ws:// or wss:// URL with a host and a valid port, else ValueError."""
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        raise ValueError("%r is not a ws:// or wss:// URL" % url)
+        raise ValueError("%r is not a ws:// or wss:// URL" % public_url(url))
+    try:
+        port = parts.port  # None: the scheme's own (80, 443)
+    except ValueError:
+        port = 0
+    if port == 0 or parts.netloc.endswith(":"):
+        raise ValueError("%r has no valid port (1-65535)" % public_url(url))
     return url
+
+
+def normalize_url(text):
+    """A server given as the page takes it: host:port, [v6]:port or a ws(s):// URL, each with an
+    optional #token. Returns the ws(s)://host:port/ws URL (the token as ?token=); ValueError else."""
+    text = text.strip()
+    address, _, token = text.partition("#")
+    if "#" in text and not token:
+        raise ValueError("%r has an empty token after '#'" % address)
+    if "://" not in address:
+        if address.count(":") != 1 and not address.startswith("["):
+            raise ValueError("%r is not host:port, [ipv6]:port or a ws:// URL" % address)
+        address = "ws://%s/ws" % address
+    parts = urllib.parse.urlsplit(address)
+    if parts.path in ("", "/"):
+        parts = parts._replace(path="/ws")
+    if token:
+        query = urllib.parse.parse_qsl(parts.query)
+        if any(key == "token" for key, _ in query):
+            raise ValueError("%r gives a token twice (#token and ?token=): keep one" % public_url(address))
+        parts = parts._replace(query=urllib.parse.urlencode(query + [("token", token)]))
+    return check_url(urllib.parse.urlunsplit(parts))
 
 
 def public_url(url):
@@ -125,7 +154,8 @@ class DialLink(Link):
     client = True
 
     def __init__(self, url, links, deliver, drops, loop, context=None, kind="direct", max_message=None):
-        super().__init__(public_url(check_url(url)), drops, deliver)
+        url = normalize_url(url)
+        super().__init__(public_url(url), drops, deliver)
         self.kind = kind
         self.max_message = max_message or wire.max_message(MAX_MTU)
         self.url = url

@@ -13,7 +13,7 @@ import sys
 import threading
 
 from gelf import __version__, wire
-from gelf.client import DialLink, dial_context
+from gelf.client import DialLink, dial_context, normalize_url
 from gelf.links import LinkSet
 from gelf.logs import setup_logging
 from gelf.loop import LinkLoop
@@ -64,8 +64,8 @@ def build_parser():
         description="Relay gelf servers without a browser: every message from one server goes to "
         "all the others, as the relay page does.")
     parser.add_argument("urls", nargs="+", metavar="URL",
-                        help="a server's WebSocket, ws://host:port/ws or wss://...; add ?token=... "
-                        "for a server started with --token")
+                        help="a server, as host:port (ws://host:port/ws), ws://host:port/ws or "
+                        "wss://...; add #TOKEN (or ?token=TOKEN) for a server started with --token")
     parser.add_argument("--cacert", metavar="FILE", help="also trust this CA for wss:// servers")
     parser.add_argument("--insecure", action="store_true",
                         help="do not verify wss:// certificates (anyone on the path can then read tokens)")
@@ -80,6 +80,7 @@ def main(argv=None):
     if len(args.urls) < 2:
         parser.error("give at least two server URLs to relay between")
     try:
+        args.urls = [normalize_url(url) for url in args.urls]
         context = dial_context(args.urls, args.cacert, args.insecure)
     except ValueError as err:
         parser.error(str(err))
