@@ -17,7 +17,7 @@ import urllib.parse
 from ws4py.client import WebSocketBaseClient
 from ws4py.exc import HandshakeError
 
-from gelf import __version__, fastws, wire
+from gelf import __version__, fastws, handshake, wire
 from gelf.links import Link
 from gelf.tap import MAX_MTU
 
@@ -133,6 +133,14 @@ class _Handshake(WebSocketBaseClient):
             self.sock = context.wrap_socket(self.sock, server_hostname=self.host)
             self._is_secure = True
             self.scheme = "ws"
+
+    def process_handshake_header(self, headers):
+        """RFC 6455 4.1's checks of the 101 response, stricter than ws4py's (handshake.py)."""
+        try:
+            handshake.check_response(handshake.parse_headers(headers), self.key)
+        except handshake.HandshakeFailed as err:
+            raise HandshakeError(str(err)) from None
+        return [], []
 
     def handshake_ok(self):
         """The handshake is done; DialLink hands the socket to the link loop."""

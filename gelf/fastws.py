@@ -249,8 +249,9 @@ class Connection:
                         raise ProtocolError(CloseCode.PROTOCOL_ERROR, "invalid 64-bit length")
                 if opcode in _CONTROL and (length > 125 or not fin):
                     raise ProtocolError(CloseCode.PROTOCOL_ERROR, "invalid control frame")
-                if length > self.max_message:
-                    raise ProtocolError(CloseCode.TOO_BIG, "message too big")
+                if length > self.max_message or opcode == Opcode.CONT and self._message is not None \
+                        and self._message[2] + length > self.max_message:
+                    raise ProtocolError(CloseCode.TOO_BIG, "message too big")  # before buffering it
                 key_at = pos + head
                 start = key_at + 4 if self._expect_masked else key_at
                 if end - start < length:

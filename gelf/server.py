@@ -15,7 +15,7 @@ from pathlib import Path
 import cherrypy
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 
-from gelf import __version__, fastws, guard, metrics
+from gelf import __version__, fastws, guard, handshake, metrics
 from gelf.links import Link
 from gelf.logs import Redact
 from gelf.loop import LinkLoop
@@ -86,6 +86,17 @@ class WebSocketLinks(LinkLoop):
             pass  # not TCP (tests may use socketpairs); nothing to tune
         link = SocketLink(peer, kind, self.links, self.drops, self.deliver)
         self.attach(link, upgrade.sock, fastws.Connection(client=False, max_message=self.max_message))
+
+
+def check_upgrade():
+    """Refuse a malformed /ws upgrade request with the status RFC 6455 4.2 asks for (ws4py's
+    tool, which runs next, would answer 500)."""
+    request = cherrypy.serving.request
+    problem = handshake.check_request(request.method, request.headers.get)
+    if problem:
+        status, text, headers = problem
+        cherrypy.serving.response.headers.update(headers)
+        raise cherrypy.HTTPError(status, text)
 
 
 # What a foreign page relaying for this server may read in /stats (what the page shows).
@@ -162,6 +173,7 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
     plugin.manager = manager
     plugin.subscribe()
     cherrypy.tools.websocket = WebSocketTool()
+    cherrypy.tools.gelf_upgrade = cherrypy.Tool("on_start_resource", check_upgrade, priority=20)
     settings = {
         "server.socket_host": host,
         "server.socket_port": port,
@@ -182,7 +194,7 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
     guard.install(root, token, policy or guard.OriginPolicy(), drops)
     config = {
         "/": root,
-        "/ws": {"tools.websocket.on": True, "tools.websocket.handler_cls": Upgrade},
+        "/ws": {"tools.gelf_upgrade.on": True, "tools.websocket.on": True, "tools.websocket.handler_cls": Upgrade},
         "/static": {
             "tools.gelf_token.on": False,
             "tools.staticdir.on": True,
