@@ -26,6 +26,13 @@ SECURITY_HEADERS = [
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
 ]
+# Says "this is gelf" to a relaying page, so that it can tell gelf's refusals (a token, an
+# origin, TLS) from some other web server at the address it was given.
+GELF_HEADER = "X-Gelf"
+
+
+def identity_headers(version):
+    return [(GELF_HEADER, version), ("Access-Control-Expose-Headers", GELF_HEADER)]
 
 
 class Origin(enum.Enum):
@@ -66,6 +73,8 @@ def check_origin(policy, drops):
     request.gelf_origin = verdict
     if verdict is Origin.REFUSED:
         drops.add("forbidden")
+        # Readable by the refused page, so that it can say why (the text names no secret).
+        cherrypy.serving.response.headers["Access-Control-Allow-Origin"] = "*"
         raise cherrypy.HTTPError(403, "Pages from this origin may not use this server (see --allow-origin).")
 
 
@@ -90,13 +99,14 @@ def check_token(expected, drops):
         raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")
 
 
-def install(root_config, token, policy, drops):
+def install(root_config, token, policy, drops, version):
     """Add the tools to the config of "/" (every path below it, /ws included)."""
     cherrypy.tools.gelf_origin = cherrypy.Tool("on_start_resource", check_origin, priority=5)
     cherrypy.tools.gelf_token = cherrypy.Tool("on_start_resource", check_token, priority=10)
     root_config.update({
         "tools.gelf_origin.on": True, "tools.gelf_origin.policy": policy, "tools.gelf_origin.drops": drops,
-        "tools.response_headers.on": True, "tools.response_headers.headers": SECURITY_HEADERS,
+        "tools.response_headers.on": True,
+        "tools.response_headers.headers": SECURITY_HEADERS + identity_headers(version),
     })
     if token:
         root_config.update({"tools.gelf_token.on": True, "tools.gelf_token.expected": token,

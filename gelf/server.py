@@ -191,7 +191,7 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
         })
     cherrypy.config.update(settings)
     root = {"tools.encode.on": True}
-    guard.install(root, token, policy or guard.OriginPolicy(), drops)
+    guard.install(root, token, policy or guard.OriginPolicy(), drops, __version__)
     config = {
         "/": root,
         "/ws": {"tools.gelf_upgrade.on": True, "tools.websocket.on": True, "tools.websocket.handler_cls": Upgrade},

@@ -115,8 +115,11 @@ def test_pages_carry_security_headers_and_tokens_stay_out_of_logs(gelf_server):
     assert headers["X-Content-Type-Options"] == "nosniff" and headers["Referrer-Policy"] == "no-referrer"
     with urllib.request.urlopen(f"{s.url}/stats?token={secret}", timeout=30) as r:
         assert "links" in json.loads(r.read())  # no Origin: not a browser page, the whole snapshot
-    with pytest.raises(urllib.error.HTTPError):
+    assert headers["X-Gelf"] and "X-Gelf" in headers["Access-Control-Expose-Headers"]  # says who it is
+    with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{s.url}/stats?token=wrong-{secret}", timeout=30)
+    assert refused.value.code == 403 and refused.value.headers["X-Gelf"]  # on refusals too
+    assert refused.value.headers["Access-Control-Allow-Origin"] == "*"  # readable by a relaying page
     helpers.wait_for(lambda: "GET /stats" in s.log_text(), 30, what="the access log")
     assert secret not in s.log_text() and "token=REDACTED" in s.log_text(), s.log_text()
 
