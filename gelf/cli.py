@@ -14,7 +14,7 @@ import sys
 import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, keys, pcap, server, wire
+from gelf import __version__, gate, keys, pcap, server, wire
 from gelf.client import DialLink, dial_context
 from gelf.links import LinkSet
 from gelf.pump import Pump
@@ -47,6 +47,8 @@ def _in_range(name, convert, low, high):
 _port = _in_range("port", int, 1, 65535)
 _mtu = _in_range("MTU", int, MIN_MTU, MAX_MTU)
 _megabytes = _in_range("size in MB", float, 0.01, 1 << 20)
+_connections = _in_range("number of connections", int, 1, 1 << 20)
+_seconds = _in_range("number of seconds", float, 0.1, 3600)
 
 
 def build_parser():
@@ -89,6 +91,19 @@ def build_parser():
     links.add_argument("--cacert", metavar="FILE", help="also trust this CA for wss:// links")
     links.add_argument("--insecure", action="store_true",
                        help="do not verify wss:// certificates (anyone on the path can then read tokens)")
+    limits = parser.add_argument_group(
+        "limits", "what clients may hold, so that no address can lock the others out (see README: Limits); "
+        "a connection over a limit is refused at once with 503 Service Unavailable")
+    limits.add_argument("--max-connections", metavar="N", type=_connections,
+                        help="connections held at once by all clients together: requests, keep-alive "
+                        "connections and WebSockets (default: %d, fewer if the open-files limit is lower)"
+                        % gate.DEFAULT_MAX_CONNECTIONS)
+    limits.add_argument("--max-per-address", metavar="N", type=_connections, default=gate.DEFAULT_MAX_PER_ADDRESS,
+                        help="connections held at once by one client address (an IPv6 /64 counts as one "
+                        "address); a page with its links needs a few (default: %(default)s)")
+    limits.add_argument("--header-timeout", metavar="SECONDS", type=_seconds, default=gate.DEFAULT_HEADER_TIMEOUT,
+                        help="a request's headers must arrive within this time of their first byte, else "
+                        "408 Request Timeout and the connection is closed (default: %(default)g)")
     security = parser.add_argument_group("security")
     security.add_argument("--enc", action="store_true",
                           help="encrypt frames end to end (AES-GCM) with a new random 128-bit key, printed "
@@ -233,7 +248,20 @@ def open_capture(args):
     return capture
 
 
+def load_limits(args):
+    """The connection limits, after making room for them in the open-files limit."""
+    files = gate.raise_open_files_limit()
+    room = files - gate.RESERVED_FILES
+    wanted = args.max_connections or min(gate.DEFAULT_MAX_CONNECTIONS, room)
+    if wanted > room:
+        raise UserError("--max-connections %d needs more open files than this process may have (%d): "
+                        "give at most %d, or raise the limit (ulimit -n, LimitNOFILE= in the unit)"
+                        % (wanted, files, max(room, 0)))
+    return gate.Limits(wanted, args.max_per_address, args.header_timeout)
+
+
 def run(args):
+    limits = load_limits(args)
     sealer = wire.Sealer(key) if (key := load_key(args)) else None
     token = load_token(args)
     tls = load_tls(args)
@@ -255,7 +283,7 @@ def run(args):
         if args.bridge:
             tap.join_bridge(args.bridge)
         server.mount(engine, args.host, args.port, tap, pump, links, drops,
-                     debug=args.debug, token=token, tls=tls)
+                     debug=args.debug, token=token, tls=tls, limits=limits)
         if ids:
             DropPrivileges(engine, uid=ids[0], gid=ids[1]).subscribe()
         engine.signal_handler.handlers = {"SIGTERM": engine.exit, "SIGINT": engine.exit}

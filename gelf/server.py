@@ -20,7 +20,7 @@ from ws4py.manager import WebSocketManager
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 from ws4py.websocket import WebSocket
 
-from gelf import __version__, fastws, metrics
+from gelf import __version__, fastws, gate, metrics
 from gelf.links import Link
 
 log = logging.getLogger("gelf.server")
@@ -57,8 +57,9 @@ class GelfSocket(fastws.FastReceive, WebSocket):
     ws4py accepts the connection and runs it; fastws reads and writes its frames.
     """
 
-    def __init__(self, *args, pump, links, drops, **kwargs):
+    def __init__(self, *args, pump, links, drops, admission=None, **kwargs):  # gate: admission
         super().__init__(*args, **kwargs)
+        self.admission = admission  # gate: this connection's slot, released in closed()
         self.links = links
         self.drops = drops
         self.link = None
@@ -82,6 +83,8 @@ class GelfSocket(fastws.FastReceive, WebSocket):
         log.info("link %d open: %s %s", self.link.id, self.link.kind, peer)
 
     def closed(self, code, reason=None):
+        if self.admission is not None:  # gate: the WebSocket's connection slot is free again
+            self.admission.release(self.sock)
         link = self.link
         if link is not None:
             self.links.remove(link)
@@ -171,17 +174,19 @@ def check_token(expected, drops):
         raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")
 
 
-def mount(engine, host, port, tap, pump, links, drops, debug=False, token=None, tls=None):
+def mount(engine, host, port, tap, pump, links, drops, debug=False, token=None, tls=None, limits=None):
     """Configure CherryPy to serve gelf on host:port; the caller starts the engine.
 
-    `tls` is (certificate file, private key file) to serve https and wss.
+    `tls` is (certificate file, private key file) to serve https and wss; `limits` a gate.Limits.
     """
+    limits = limits or gate.Limits()  # gate
+    admission = gate.Admission(limits.max_connections, limits.max_per_address)  # gate
     plugin = WebSocketPlugin(engine)
     plugin.manager = OrderlyManager()
     plugin.subscribe()
     cherrypy.tools.websocket = WebSocketTool()
     cherrypy.tools.gelf_token = cherrypy.Tool("on_start_resource", check_token, priority=10)
-    handler = functools.partial(GelfSocket, pump=pump, links=links, drops=drops)
+    handler = functools.partial(GelfSocket, pump=pump, links=links, drops=drops, admission=admission)  # gate
     settings = {
         "server.socket_host": host,
         "server.socket_port": port,
@@ -198,6 +203,7 @@ def mount(engine, host, port, tap, pump, links, drops, debug=False, token=None, 
             "server.ssl_private_key": tls[1],
         })
     cherrypy.config.update(settings)
+    cherrypy.server.httpserver = gate.GateServer(cherrypy.server, admission, limits.header_timeout)  # gate
     root = {"tools.encode.on": True}
     if token:
         root.update({"tools.gelf_token.on": True, "tools.gelf_token.expected": token,
