@@ -106,3 +106,59 @@ class Admission:
     def _ref(self, sock):
         collected = self._collected
         return weakref.ref(sock, lambda ref, sock_id=id(sock): collected.append((sock_id, ref)))
+
+
+class Turns:
+    """Which waiting request gets the next free worker thread.
+
+    At most `per_address` requests of one address are in workers at once, and never more than
+    `workers` in all; addresses with requests waiting take turns (round robin), each address's
+    requests in the order they came. So an address that sends many requests, or reads its
+    responses slowly, holds at most its share of the workers, and everybody else's requests still
+    get one. Bookkeeping only, used from the gate's one thread.
+    """
+
+    def __init__(self, workers, per_address):
+        self.workers = workers
+        self.per_address = per_address
+        self.busy = collections.Counter()  # address -> requests in workers
+        self.inflight = 0
+        self._waiting = {}  # address -> deque of requests
+        self._turns = collections.deque()  # addresses that may have a worker, in turn
+        self._in_turns = set()
+
+    def wait(self, key, request):
+        """`request` from address `key` waits for a worker."""
+        self._waiting.setdefault(key, collections.deque()).append(request)
+        self._offer(key)
+
+    def next(self):
+        """The request to give a worker now (it then counts as in a worker), or None."""
+        if self.inflight >= self.workers or not self._turns:
+            return None
+        key = self._turns.popleft()
+        self._in_turns.discard(key)
+        queue = self._waiting[key]
+        request = queue.popleft()
+        if not queue:
+            del self._waiting[key]
+        self.busy[key] += 1
+        self.inflight += 1
+        self._offer(key)
+        return request
+
+    def done(self, key):
+        """A worker is done with a request of address `key`."""
+        self.busy[key] -= 1
+        if self.busy[key] <= 0:
+            del self.busy[key]
+        self.inflight -= 1
+        self._offer(key)
+
+    def waiting(self):
+        return sum(len(queue) for queue in self._waiting.values())
+
+    def _offer(self, key):
+        if key in self._waiting and self.busy[key] < self.per_address and key not in self._in_turns:
+            self._turns.append(key)
+            self._in_turns.add(key)

@@ -252,6 +252,9 @@ def load_limits(args):
     """The connection limits, after making room for them in the open-files limit."""
     files = gate.raise_open_files_limit()
     room = files - gate.RESERVED_FILES
+    if room < 1:
+        raise UserError("this process may only open %d files, too few to serve anyone: raise the limit "
+                        "(ulimit -n, LimitNOFILE= in the unit)" % files)
     wanted = args.max_connections or min(gate.DEFAULT_MAX_CONNECTIONS, room)
     if wanted > room:
         raise UserError("--max-connections %d needs more open files than this process may have (%d): "

@@ -22,7 +22,6 @@ A WebSocket upgrade leaves with ws4py (which takes `rfile.raw._sock`); its admis
 held until the handler's closed() releases it.
 """
 
-import _pyio
 import collections
 import errno
 import logging
@@ -37,12 +36,12 @@ import time
 from typing import NamedTuple
 
 import cherrypy
-from cheroot import makefile
-from cheroot.server import HTTPConnection
 from cherrypy._cpwsgi_server import CPWSGIServer
 
 from gelf import httphead
-from gelf.admission import Admission, address_key
+from gelf.admission import Admission, Turns, address_key
+from gelf.handoff import GateConnection, gate_makefile
+from gelf.throttle import Throttle
 
 log = logging.getLogger("gelf.gate")
 
@@ -54,7 +53,6 @@ LINGER = 2.0  # seconds a refused connection is read (and discarded) so our answ
 MAX_LINGERING = 256  # refused connections lingering at once; beyond this they are closed at once
 RESERVED_FILES = MAX_LINGERING + 64  # open files kept for lingering, the tap, links, logs
 ACCEPT_BATCH = 64  # accepts per turn of the loop, so the connections already here are served too
-LOG_EVERY = 10.0  # seconds: at most one line per kind of refusal in this time
 
 SNIFF, HANDSHAKE, READING, WAITING, WORKING, CLOSING = range(1, 7)  # 0: just accepted
 _LISTENER, _WAKE = object(), object()
@@ -86,65 +84,6 @@ def raise_open_files_limit():
     return soft
 
 
-class PrereadIO(socket.SocketIO):
-    """A socket's raw reader that first returns the bytes the gate already read from it.
-
-    ws4py takes the socket from `raw._sock`, which SocketIO keeps."""
-
-    def __init__(self, sock, mode="rb"):
-        super().__init__(sock, mode)
-        self._preread = b""
-
-    def give(self, data):
-        self._preread = data
-
-    def take(self):
-        data, self._preread = self._preread, b""
-        return data
-
-    def readinto(self, b):
-        if self._preread:
-            n = min(len(b), len(self._preread))
-            b[:n] = self._preread[:n]
-            self._preread = self._preread[n:]
-            return n
-        return super().readinto(b)
-
-
-class GateReader(makefile.StreamReader):
-    """cheroot's buffered reader over a PrereadIO, whose unread bytes the gate can take back."""
-
-    def __init__(self, sock, mode="rb", bufsize=_pyio.DEFAULT_BUFFER_SIZE):
-        _pyio.BufferedReader.__init__(self, PrereadIO(sock, "rb"), bufsize)
-        self.bytes_read = 0
-
-    def take_unread(self):
-        """Everything read from the socket but not yet by cheroot (a pipelined next request)."""
-        data = self._read_buf[self._read_pos:] + self.raw.take()
-        self._reset_read_buf()
-        return data
-
-
-def _makefile(sock, mode="r", bufsize=_pyio.DEFAULT_BUFFER_SIZE):
-    if "r" in mode:
-        return GateReader(sock, mode, bufsize)
-    return makefile.StreamWriter(sock, mode, bufsize)
-
-
-class GateConnection(HTTPConnection):
-    """cheroot's connection, which tells the gate when a worker closes it (or ws4py takes it)."""
-
-    gate = None
-    entry = None
-
-    def close(self):
-        try:
-            super().close()
-        finally:
-            if self.gate is not None:
-                self.gate.returned(self, keep=False)
-
-
 class Entry:
     """One connection the gate knows of, and where it stands."""
 
@@ -154,35 +93,6 @@ class Entry:
         self.sock, self.addr, self.key = sock, addr, key
         self.conn = self.buf = self.deadline = None
         self.state = self.scanned = self.events = 0
-
-
-class Throttle:
-    """Log lines for events an attacker can cause: the first at once, then at most one per kind
-    every LOG_EVERY seconds, saying how many there were."""
-
-    def __init__(self, every=LOG_EVERY):
-        self.every = every
-        self._last = {}  # kind -> (time of the last line, text)
-        self._unsaid = collections.Counter()
-
-    def note(self, kind, text, level=logging.WARNING):
-        now = time.monotonic()
-        last = self._last.get(kind)
-        if last is not None and now - last[0] < self.every:
-            self._unsaid[kind] += 1
-            self._last[kind] = (last[0], text, level)
-            return
-        self._last[kind] = (now, text, level)
-        log.log(level, "%s", text)
-
-    def flush(self):
-        now = time.monotonic()
-        for kind, count in list(self._unsaid.items()):
-            when, text, level = self._last[kind]
-            if now - when >= self.every:
-                del self._unsaid[kind]
-                self._last[kind] = (now, text, level)
-                log.log(level, "%s (%d more in the last %d s)", text, count, round(now - when))
 
 
 def tls_context(adapter):
@@ -204,7 +114,6 @@ class Gate:
         self.header_timeout = header_timeout
         self.idle_timeout = server.timeout
         self.context = tls_context(server.ssl_adapter)
-        self.workers = server.requests.min
         self.listener = server.socket
         self.listener.setblocking(False)
         self.selector = selectors.DefaultSelector()
@@ -214,14 +123,10 @@ class Gate:
         self._wake_lock = threading.Lock()
         self.entries = set()
         self.returns = collections.deque()  # (connection, keep alive?) from worker threads
-        self.waiting = {}  # address -> deque of entries with a complete head
-        self.turns = collections.deque()  # addresses that may have a worker now, in turn
-        self.in_turns = set()
-        self.busy = collections.Counter()  # address -> requests in workers
-        self.inflight = 0
+        self.turns = Turns(server.requests.min, WORKERS_PER_ADDRESS)  # entries with a complete head
         self.lingering = 0
         self.accept_paused = False
-        self.throttle = Throttle()
+        self.throttle = Throttle(log)
         self._stopping = self._closed = False
         self._serving = False
 
@@ -381,11 +286,10 @@ class Gate:
             entry.deadline = time.monotonic() + self.header_timeout
             self._watch(entry, _READ)
         else:
-            entry.conn = self._connection(entry)
             self._start_reading(entry, b"")
 
     def _connection(self, entry):
-        conn = self.server.ConnectionClass(self.server, entry.sock, _makefile)
+        conn = self.server.ConnectionClass(self.server, entry.sock, gate_makefile)
         conn.gate, conn.entry = self, entry
         if not isinstance(self.server.bind_addr, (str, bytes)):
             addr = entry.addr if isinstance(entry.addr, tuple) else None
@@ -431,7 +335,6 @@ class Gate:
                                % (entry.key, getattr(err, "reason", None) or err), logging.INFO)
             self._discard(entry)
             return
-        entry.conn = self._connection(entry)
         self._start_reading(entry, b"")
 
     # ------------------------------------------------------------ request heads
@@ -481,30 +384,16 @@ class Gate:
             return True
         self._unwatch(entry)
         entry.state = WAITING
-        self.waiting.setdefault(entry.key, collections.deque()).append(entry)
-        self._offer(entry.key)
+        if entry.conn is None:
+            entry.conn = self._connection(entry)
+        self.turns.wait(entry.key, entry)
         return True
 
     # ------------------------------------------------------------ workers
 
-    def _offer(self, key):
-        """Give `key` a turn for a worker if it has a request waiting and is under its share."""
-        if key in self.waiting and self.busy[key] < WORKERS_PER_ADDRESS and key not in self.in_turns:
-            self.turns.append(key)
-            self.in_turns.add(key)
-
     def _dispatch(self):
-        while self.inflight < self.workers and self.turns:
-            key = self.turns.popleft()
-            self.in_turns.discard(key)
-            queue = self.waiting[key]
-            entry = queue.popleft()
-            if not queue:
-                del self.waiting[key]
+        while (entry := self.turns.next()) is not None:
             entry.state = WORKING
-            self.busy[key] += 1
-            self.inflight += 1
-            self._offer(key)
             conn = entry.conn
             conn.rfile.raw.give(bytes(entry.buf))
             entry.buf = None
@@ -515,11 +404,7 @@ class Gate:
     def _take_back(self, entry, keep):
         if entry is None or entry.state != WORKING:
             return
-        self.busy[entry.key] -= 1
-        if self.busy[entry.key] <= 0:
-            del self.busy[entry.key]
-        self.inflight -= 1
-        self._offer(entry.key)
+        self.turns.done(entry.key)
         if keep:
             entry.sock.setblocking(False)
             self._start_reading(entry, entry.conn.rfile.take_unread())

@@ -25,8 +25,9 @@ import time
 import pytest
 
 import helpers
-from gelf import gate, httphead
-from gelf.admission import Admission, address_key
+from gelf import gate, httphead, throttle
+from gelf.admission import Admission, Turns, address_key
+from gelf.handoff import GateReader
 
 ATTACKER = "127.0.0.2"
 WAIT = 15  # seconds: generous, for a busy 2-core machine
@@ -135,12 +136,60 @@ def test_address_key(host, key):
     assert address_key(host) == key
 
 
+# ---------------------------------------------------------------- worker turns
+
+def test_turns_share_workers_between_addresses():
+    turns = Turns(workers=10, per_address=3)
+    for i in range(50):
+        turns.wait("attacker", ("attacker", i))
+    for i in range(2):
+        turns.wait("page", ("page", i))
+    given = [turns.next() for _ in range(10)]
+    assert given.count(None) == 5  # the attacker has its 3, the page its 2: five workers stay free
+    assert [g for g in given if g] == [("attacker", 0), ("page", 0), ("attacker", 1), ("page", 1),
+                                       ("attacker", 2)]
+    turns.wait("late", ("late", 0))
+    assert turns.next() == ("late", 0)  # a newcomer gets a free worker at once
+    turns.done("attacker")
+    assert turns.next() == ("attacker", 3)  # in order, within its share
+    assert turns.next() is None and turns.waiting() == 46
+
+
+def test_turns_against_a_model():
+    """Random waits and dones: never over either limit, never a free worker left idle while a
+    request that may have it waits, every address's requests in order."""
+    import random
+
+    rng = random.Random(15)
+    turns = Turns(workers=4, per_address=2)
+    waiting = {k: [] for k in "abcde"}
+    busy = {k: 0 for k in "abcde"}
+    serial = 0
+    for _ in range(5000):
+        if rng.random() < 0.5:
+            key = rng.choice("abcde")
+            serial += 1
+            waiting[key].append(serial)
+            turns.wait(key, (key, serial))
+        elif any(busy.values()):
+            key = rng.choice([k for k in busy if busy[k]])
+            busy[key] -= 1
+            turns.done(key)
+        while (given := turns.next()) is not None:
+            key, n = given
+            assert waiting[key].pop(0) == n
+            busy[key] += 1
+            assert busy[key] <= 2 and sum(busy.values()) <= 4
+        eligible = [k for k in waiting if waiting[k] and busy[k] < 2]
+        assert not eligible or sum(busy.values()) == 4
+
+
 # ---------------------------------------------------------------- the reader cheroot reads through
 
 def test_reader_serves_preread_bytes_first_and_gives_back_the_rest():
     a, b = socket.socketpair()
     try:
-        reader = gate.GateReader(a, "rb", 8192)
+        reader = GateReader(a, "rb", 8192)
         assert reader.raw._sock is a  # where ws4py takes the socket from
         reader.raw.give(b"GET / HTTP/1.1\r\n\r\nGET /two HTTP/1.1\r\n")
         b.sendall(b"Host: x\r\n\r\n")
@@ -157,16 +206,16 @@ def test_reader_serves_preread_bytes_first_and_gives_back_the_rest():
 
 def test_throttle_says_one_line_per_kind_and_counts_the_rest(caplog, monkeypatch):
     clock = [100.0]
-    monkeypatch.setattr(gate.time, "monotonic", lambda: clock[0])
-    throttle = gate.Throttle(every=10)
+    monkeypatch.setattr(throttle.time, "monotonic", lambda: clock[0])
+    lines = throttle.Throttle(logging.getLogger("gelf.gate"), every=10)
     with caplog.at_level(logging.INFO, logger="gelf.gate"):
         for i in range(1000):
-            throttle.note("--max-per-address", "refusing connections from 127.0.0.%d" % (i % 7))
-        throttle.note("408", "408 from 127.0.0.2", logging.INFO)
-        throttle.flush()
+            lines.note("--max-per-address", "refusing connections from 127.0.0.%d" % (i % 7))
+        lines.note("408", "408 from 127.0.0.2", logging.INFO)
+        lines.flush()
         clock[0] += 10
-        throttle.flush()
-        throttle.flush()
+        lines.flush()
+        lines.flush()
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 3, lines
     assert lines[2].endswith("(999 more in the last 10 s)")
