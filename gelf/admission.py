@@ -64,6 +64,7 @@ class Admission:
     def rekey(self, old, new):
         """The slot of socket `old` now belongs to `new` (the TLS socket that wraps it)."""
         with self._lock:
+            self._forget_collected()
             entry = self._take(old)
             if entry is not None:
                 self._held[id(new)] = (self._ref(new), entry[1])

@@ -14,6 +14,7 @@ import logging
 import os
 import re
 import resource
+import select
 import signal
 import socket
 import ssl
@@ -365,6 +366,26 @@ def test_over_the_limits_503_at_once_and_one_log_line(gelf_server, crowd):
                      what="503 at --max-connections")
     assert b"as many connections as it may (100)" in get(srv.port, "/")
 
+    attack.close()  # every slot comes back: 20 connections from 127.0.0.2 are welcome again
+
+    def twenty_admitted():
+        socks = [socket.create_connection(("127.0.0.1", srv.port), source_address=(ATTACKER, 0))
+                 for _ in range(20)]
+        time.sleep(0.5)
+        if select.select(socks, [], [], 0)[0]:  # some got a 503: old slots are still being freed
+            for s in socks:
+                s.close()
+            return None
+        return socks
+
+    again = helpers.wait_for(twenty_admitted, WAIT, what="20 slots for 127.0.0.2 again")
+    try:
+        assert get(srv.port, "/", source=ATTACKER).startswith(b"HTTP/1.1 503")
+        assert get(srv.port, "/").startswith(b"HTTP/1.1 200")
+    finally:
+        for s in again:
+            s.close()
+
 
 @pytest.mark.usefixtures("need_root")
 def test_slow_head_gets_408_after_header_timeout(gelf_server):
@@ -413,19 +434,36 @@ def test_keep_alive_pipelining_body_and_big_heads(gelf_server):
 
 
 @pytest.mark.usefixtures("need_root")
-def test_websocket_holds_its_slot_until_it_closes(gelf_server):
-    srv = gelf_server(extra=["--max-per-address", "3"])
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+def test_websocket_holds_its_slot_until_it_closes(gelf_server, tmp_path, tls):
+    extra, context = ["--max-per-address", "3"], None
+    if tls:
+        from test_security import make_certificate
+
+        cert, key = make_certificate(tmp_path)
+        extra += ["--ssl-cert", str(cert), "--ssl-key", str(key)]
+        context = ssl.create_default_context(cafile=str(cert))
+
+    def attacker_get():
+        try:
+            return get(srv.port, "/", source=ATTACKER, context=context)
+        except (ssl.SSLError, ConnectionError):  # on a TLS port a refusal is a plain close
+            return b""
+
+    srv = gelf_server(extra=extra)
     sockets = []
     try:
         for _ in range(3):
-            s = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT, source_address=(ATTACKER, 0))
+            raw = socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT, source_address=(ATTACKER, 0))
+            s = context.wrap_socket(raw, server_hostname="127.0.0.1") if tls else raw
             sockets.append(s)
             s.sendall(UPGRADE.format(query="").encode())
             assert s.recv(4096).startswith(b"HTTP/1.1 101")
-        helpers.wait_for(lambda: len(srv.stats()["links"]) == 3, WAIT, what="three links")
-        assert get(srv.port, "/", source=ATTACKER).startswith(b"HTTP/1.1 503")
+        helpers.wait_for(lambda: srv.log_text().count("open: browser") == 3, WAIT, what="three links")
+        answer = attacker_get()
+        assert answer.startswith(b"HTTP/1.1 503") if not tls else answer == b"", answer
         sockets.pop().close()
-        helpers.wait_for(lambda: get(srv.port, "/", source=ATTACKER).startswith(b"HTTP/1.1 200"), WAIT,
+        helpers.wait_for(lambda: attacker_get().startswith(b"HTTP/1.1 200"), WAIT,
                          what="the closed WebSocket's slot to come back")
     finally:
         for s in sockets:
