@@ -239,7 +239,7 @@ class Gate:
             self.selector.register(self.listener, _READ, _LISTENER)
             self.accept_paused = False
         for entry in list(self.entries):
-            if entry.state in (WAITING, WORKING) or now < entry.deadline:
+            if entry.state in (WAITING, WORKING) or entry.deadline is None or now < entry.deadline:
                 continue
             if entry.state == READING and entry.buf:
                 self.throttle.note("408", "408: request heads slower than --header-timeout %g s, e.g. from %s"
@@ -265,12 +265,12 @@ class Gate:
                     self.accept_paused = True
                     return
                 continue  # the client gave up before we accepted (ECONNABORTED, ...)
-            self._admit(sock, addr)
+            host = addr[0] if isinstance(addr, tuple) else ""
+            self._guard(self._admit, Entry(sock, addr, address_key(host)))
 
-    def _admit(self, sock, addr):
+    def _admit(self, entry):
+        sock = entry.sock
         sock.setblocking(False)
-        host = addr[0] if isinstance(addr, tuple) else ""
-        entry = Entry(sock, addr, address_key(host))
         refused = self.admission.admit(sock, entry.key)
         if refused:
             limit, text = refused
