@@ -1,8 +1,10 @@
 # gelf: Ethernet over WebSockets.
-#   make venv     create .venv and install gelf (pip install -e .)
-#   make sysdeps  install the system tools the tests use (Debian, as root)
-#   make run      run a gelf server on 127.0.0.1:7001 (needs root)
-#   make test     run the test suite (needs root and Chromium for most tests)
+#   make setup    install what gelf needs (Debian packages as root, then .venv): after it,
+#                 `sudo python gelf.py --host 0.0.0.0 --enc 7001` runs from the checkout
+#   make run      set up, then run a gelf server: PORT=7001 and ARGS="--host 0.0.0.0 --enc ..."
+#   make venv     create .venv and install gelf (pip install -e .); remakes a half-made .venv
+#   make sysdeps  install the system tools gelf and its tests use (Debian, as root)
+#   make test     set up everything the tests need, then run them (root; Chromium for most)
 #   make bench    run the benchmark (root, < 10 min): table on stdout and in bench/results.md
 #                 (BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--only R1 direct" for some rows)
 #   make clean    remove the venv and build/test leftovers
@@ -14,18 +16,30 @@ PYTHON      ?= python3
 VENV        := .venv
 VPY         := $(VENV)/bin/python
 PORT        ?= 7001
+ARGS        ?=
 PYTEST_ARGS ?= -ra -v --timeout=300 -p no:cacheprovider
 BENCH_ARGS  ?=
 
-SYS_COMMANDS := chromium iperf3 ping ip tcpdump openssl systemd-analyze
-SYS_PACKAGES := chromium iperf3 iputils-ping iproute2 tcpdump openssl systemd
+# What running gelf needs (python is python3, so the seed's `sudo python gelf.py` works), and
+# what the tests and the benchmark need on top: command to look for, and Debian package.
+RUN_DEPS  := sudo:sudo python:python-is-python3 ip:iproute2 python3-venv:python3-venv
+TEST_DEPS := $(RUN_DEPS) chromium:chromium iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump \
+             openssl:openssl systemd-analyze:systemd
 
-.PHONY: venv sysdeps run test bench clean
+.PHONY: setup venv sysdeps sysdeps-run install-deps run test bench clean
+
+setup: sysdeps-run venv
 
 venv: $(VENV)/.installed
 
+# A venv left half-made (python3 -m venv fails without python3-venv, and leaves .venv/bin/python
+# without pip behind) is made again instead of failing forever.
 $(VENV)/.installed: setup.py
-	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	@if [ -e $(VENV) ] && ! $(VPY) -m pip --version >/dev/null 2>&1; then \
+		echo "venv: $(VENV) is half-made (was python3-venv missing?): making it again"; rm -rf $(VENV); \
+	fi
+	@test -x $(VPY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+		echo "venv: '$(PYTHON) -m venv' failed: install python3-venv (sudo make sysdeps-run)" >&2; exit 1; }
 	$(VPY) -m pip install --disable-pip-version-check -q -e .
 	touch $@
 
@@ -33,22 +47,35 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 	$(VPY) -m pip install --disable-pip-version-check -q -r requirements-test.txt
 	touch $@
 
+sysdeps-run:
+	@$(MAKE) -s --no-print-directory install-deps DEPS="$(RUN_DEPS)"
+
 sysdeps:
+	@$(MAKE) -s --no-print-directory install-deps DEPS="$(TEST_DEPS)"
+
+# Installs the Debian packages of DEPS whose command is missing (python3-venv: whose module is),
+# looking where sudo looks (its secure_path), not in a user's own PATH.
+SYSTEM_PATH := /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+install-deps:
 	@missing=""; \
-	for c in $(SYS_COMMANDS); do \
-		PATH="$$PATH:/usr/sbin:/sbin" command -v $$c >/dev/null 2>&1 || missing="$$missing $$c"; \
+	for dep in $(DEPS); do \
+		cmd=$${dep%%:*}; pkg=$${dep#*:}; \
+		if [ "$$cmd" = python3-venv ]; then $(PYTHON) -c 'import ensurepip, venv' 2>/dev/null && continue; \
+		elif PATH=$(SYSTEM_PATH) command -v $$cmd >/dev/null 2>&1; then continue; fi; \
+		missing="$$missing $$pkg"; \
 	done; \
 	if [ -z "$$missing" ]; then \
-		echo "sysdeps: all present ($(SYS_COMMANDS))"; \
+		echo "sysdeps: all present"; \
 	elif [ "$$(id -u)" = 0 ]; then \
-		echo "sysdeps: missing$$missing, installing"; \
-		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $(SYS_PACKAGES); \
+		echo "sysdeps: installing$$missing"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y $$missing; \
 	else \
-		echo "sysdeps: missing$$missing; as root run: apt-get install -y $(SYS_PACKAGES)"; \
+		echo "sysdeps: missing$$missing; run as root (sudo make ...), or: sudo apt-get install -y$$missing" >&2; \
+		exit 1; \
 	fi
 
-run: venv
-	$(VPY) gelf.py $(PORT)
+run: setup
+	$(VPY) gelf.py $(ARGS) $(PORT)
 
 test: sysdeps $(VENV)/.test-installed
 	$(VPY) -m pytest $(PYTEST_ARGS) tests

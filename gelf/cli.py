@@ -10,13 +10,15 @@ import pwd
 import socket
 import ssl
 import sys
+import threading
 
 import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, gate, keys, pcap, server, wire
-from gelf.client import DialLink, dial_context
+from gelf import __version__, gate, guard, keys, loop, pcap, server, wire
+from gelf.client import DialLink, dial_context, normalize_url
 from gelf.links import LinkSet
+from gelf.logs import setup_logging
 from gelf.pump import Pump
 from gelf.stats import Drops
 from gelf.switch import MacTable
@@ -27,6 +29,13 @@ log = logging.getLogger("gelf")
 
 class UserError(Exception):
     """A mistake in how gelf was started: one line to the user, exit status 1."""
+
+
+class TapLost(Exception):
+    """The tap vanished while gelf ran (exit status 3: systemd's Restart=on-failure makes a new one)."""
+
+
+EXIT_TAP_LOST = 3
 
 
 def _in_range(name, convert, low, high):
@@ -47,8 +56,8 @@ def _in_range(name, convert, low, high):
 _port = _in_range("port", int, 1, 65535)
 _mtu = _in_range("MTU", int, MIN_MTU, MAX_MTU)
 _megabytes = _in_range("size in MB", float, 0.01, 1 << 20)
+_seconds = _in_range("number of seconds", float, 0.1, 86400)
 _connections = _in_range("number of connections", int, 1, 1 << 20)
-_seconds = _in_range("number of seconds", float, 0.1, 3600)
 
 
 def build_parser():
@@ -86,24 +95,12 @@ def build_parser():
                          "(default: %(default)s)")
     links = parser.add_argument_group("direct links")
     links.add_argument("--connect", metavar="URL", action="append", default=[],
-                       help="also dial this server, no browser needed: ws://host:port/ws or wss://... "
-                       "(add ?token=... if it has one; repeatable); reconnects by itself")
+                       help="also dial this server, no browser needed: host:port (ws://host:port/ws), "
+                       "ws://host:port/ws or wss://...; add #TOKEN (or ?token=TOKEN) if it has one; "
+                       "repeatable; reconnects by itself")
     links.add_argument("--cacert", metavar="FILE", help="also trust this CA for wss:// links")
     links.add_argument("--insecure", action="store_true",
                        help="do not verify wss:// certificates (anyone on the path can then read tokens)")
-    limits = parser.add_argument_group(
-        "limits", "what clients may hold, so that no address can lock the others out (see README: Limits); "
-        "a connection over a limit is refused at once with 503 Service Unavailable")
-    limits.add_argument("--max-connections", metavar="N", type=_connections,
-                        help="connections held at once by all clients together: requests, keep-alive "
-                        "connections and WebSockets (default: %d, fewer if the open-files limit is lower)"
-                        % gate.DEFAULT_MAX_CONNECTIONS)
-    limits.add_argument("--max-per-address", metavar="N", type=_connections, default=gate.DEFAULT_MAX_PER_ADDRESS,
-                        help="connections held at once by one client address (an IPv6 /64 counts as one "
-                        "address); a page with its links needs a few (default: %(default)s)")
-    limits.add_argument("--header-timeout", metavar="SECONDS", type=_seconds, default=gate.DEFAULT_HEADER_TIMEOUT,
-                        help="a request's headers must arrive within this time of their first byte, else "
-                        "408 Request Timeout and the connection is closed (default: %(default)g)")
     security = parser.add_argument_group("security")
     security.add_argument("--enc", action="store_true",
                           help="encrypt frames end to end (AES-GCM) with a new random 128-bit key, printed "
@@ -119,22 +116,39 @@ def build_parser():
                           help="read the token from PATH (mode 0600), so it stays out of ps")
     security.add_argument("--ssl-cert", metavar="FILE", help="serve https and wss with this certificate (PEM)")
     security.add_argument("--ssl-key", metavar="FILE", help="private key (PEM) for --ssl-cert")
+    security.add_argument("--allow-origin", metavar="ORIGIN", action="append", default=[],
+                          help="only pages from this origin (scheme://host[:port]; repeatable), besides "
+                          "this server's own page, may use it from a browser: the relay page at "
+                          "another gelf server, for instance. Others get 403. Without it any web page "
+                          "may (see the start-up warning)")
     security.add_argument("--user", metavar="NAME",
                           help="drop root to this user once the tap exists and the port is bound")
     security.add_argument("--group", metavar="NAME", help="group for --user (default: the user's own group)")
+    limits = parser.add_argument_group(
+        "limits", "what clients may hold, and for how long, so that no address can lock the others out "
+        "(see README: Limits)")
+    limits.add_argument("--max-connections", metavar="N", type=_connections,
+                        help="connections held at once by all clients together: requests, keep-alive "
+                        "connections and WebSockets; over it a new connection gets 503 Service Unavailable "
+                        "at once (default: %d, fewer if the open-files limit is lower)"
+                        % gate.DEFAULT_MAX_CONNECTIONS)
+    limits.add_argument("--max-per-address", metavar="N", type=_connections, default=gate.DEFAULT_MAX_PER_ADDRESS,
+                        help="connections held at once by one client address (an IPv6 /64 counts as one "
+                        "address); over it, 503 at once. A page with its links needs a few (default: %(default)s)")
+    limits.add_argument("--header-timeout", metavar="SECONDS", type=_seconds, default=gate.DEFAULT_HEADER_TIMEOUT,
+                        help="a request's headers must arrive within this time of their first byte, else "
+                        "408 Request Timeout and the connection is closed (default: %(default)g)")
+    limits.add_argument("--keepalive", metavar="SECONDS", type=_seconds, default=loop.KEEPALIVE,
+                        help="send a WebSocket ping on a link that was silent this long, and close it "
+                        "when nothing comes back for as long again: a peer that vanished without "
+                        "closing (a half-open connection) is gone within twice this (default: %(default)g)")
+    limits.add_argument("--stall-timeout", metavar="SECONDS", type=_seconds, default=loop.STALL,
+                        help="close a link whose peer takes none of the frames waiting for it for this "
+                        "long; until then only that link drops frames (default: %(default)g)")
     parser.add_argument("-d", "--debug", action="store_true",
                         help="log every link event and dropped message, and CherryPy's own log")
     parser.add_argument("--version", action="version", version="gelf " + __version__)
     return parser
-
-
-def setup_logging(debug):
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[Gelf] %(message)s"))
-    root = logging.getLogger("gelf")
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
-    root.propagate = False
 
 
 def check_port(host, port):
@@ -228,8 +242,19 @@ def is_loopback(host):
         return host == "localhost"
 
 
+def load_policy(args):
+    try:
+        return guard.OriginPolicy(args.allow_origin)
+    except ValueError as err:
+        raise UserError("--allow-origin: %s" % err) from None
+
+
 def load_dial_context(args):
-    """The TLS context for --connect links, after checking their URLs."""
+    """The TLS context for --connect links, after checking (and normalizing) their URLs."""
+    try:
+        args.connect = [normalize_url(url) for url in args.connect]
+    except ValueError as err:
+        raise UserError("--connect: %s" % err) from None
     try:
         return dial_context(args.connect, args.cacert, args.insecure)
     except ValueError as err:
@@ -270,6 +295,7 @@ def run(args):
     tls = load_tls(args)
     ids = lookup_ids(args)
     context = load_dial_context(args)
+    policy = load_policy(args)
     check_port(args.host, args.port)
     capture = open_capture(args)
     tap = Tap(args.dev, args.mtu, offload=args.offload)
@@ -277,16 +303,25 @@ def run(args):
     engine = cherrypy.engine
     links = LinkSet()
     drops = Drops()
-    pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None, capture=capture)
-    dials = [DialLink(url, links, pump.deliver, drops, context, max_message=pump.max_message)
+    lost = []  # why the tap was lost at run time, if it was
+
+    def tap_lost(why):
+        lost.append(why)
+        threading.Thread(target=engine.exit, name="gelf-exit", daemon=True).start()
+
+    pump = Pump(tap, links, drops, sealer=sealer, switch=MacTable() if args.learn else None, capture=capture,
+                on_fatal=tap_lost)
+    manager = server.WebSocketLinks(links, drops, pump.deliver, pump.max_message,
+                                    keepalive=args.keepalive, stall=args.stall_timeout)
+    dials = [DialLink(url, links, pump.deliver, drops, manager, context, max_message=pump.max_message)
              for url in args.connect]
     try:
         for cidr in args.address:
             tap.add_address(cidr)
         if args.bridge:
             tap.join_bridge(args.bridge)
-        server.mount(engine, args.host, args.port, tap, pump, links, drops,
-                     debug=args.debug, token=token, tls=tls, limits=limits)
+        server.mount(engine, args.host, args.port, tap, pump, links, drops, manager,
+                     debug=args.debug, token=token, tls=tls, policy=policy, limits=limits)
         if ids:
             DropPrivileges(engine, uid=ids[0], gid=ids[1]).subscribe()
         engine.signal_handler.handlers = {"SIGTERM": engine.exit, "SIGINT": engine.exit}
@@ -298,15 +333,23 @@ def run(args):
         if args.insecure:
             log.warning("warning: --insecure: wss:// certificates of --connect links are not verified")
         for dial in dials:
-            engine.subscribe("stop", dial.stop)
+            engine.subscribe("stop", dial.stop, priority=10)  # before the link loop stops
             dial.start()
-        if not (sealer or token or is_loopback(args.host)):
-            log.warning("warning: listening on %s with neither a key nor a token: anyone who can reach "
-                        "port %d can put frames on this network", args.host, args.port)
+        if not (sealer or token):
+            if not is_loopback(args.host):
+                log.warning("warning: listening on %s with neither a key nor a token: anyone who can "
+                            "reach port %d can put frames on this network", args.host, args.port)
+            if not policy.allowed:
+                log.warning("warning: any web page open in a browser that can reach this server (on "
+                            "this machine too) can join this network through it: set --key, --token "
+                            "or --allow-origin")
         engine.block()
+        if lost:
+            raise TapLost(lost[0])
     finally:
         pump.stop()
-        links.stop_all()
+        manager.stop()
+        manager.join()
         tap.close()
         if capture:
             capture.close()
@@ -325,6 +368,9 @@ def main(argv=None):
     except (UserError, TapError, keys.SecretError) as err:
         print("gelf: error: %s" % err, file=sys.stderr)
         return 1
+    except TapLost as err:
+        print("gelf: error: %s" % err, file=sys.stderr)
+        return EXIT_TAP_LOST
     except KeyboardInterrupt:
         pass
     return 0

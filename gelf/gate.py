@@ -26,7 +26,6 @@ import collections
 import errno
 import logging
 import os
-import re
 import resource
 import selectors
 import socket
@@ -35,7 +34,6 @@ import threading
 import time
 from typing import NamedTuple
 
-import cherrypy
 from cherrypy._cpwsgi_server import CPWSGIServer
 
 from gelf import httphead
@@ -205,7 +203,7 @@ class Gate:
         try:
             step(entry, *args)
         except Exception as err:
-            self.throttle.note("bug", "gate: %r on a connection from %s" % (err, entry.key), logging.ERROR)
+            self.throttle.note("bug", logging.ERROR, "gate: %r on a connection from %s", err, entry.key)
             if entry.state != WORKING:
                 self._discard(entry)
 
@@ -242,8 +240,8 @@ class Gate:
             if entry.state in (WAITING, WORKING) or entry.deadline is None or now < entry.deadline:
                 continue
             if entry.state == READING and entry.buf:
-                self.throttle.note("408", "408: request heads slower than --header-timeout %g s, e.g. from %s"
-                                   % (self.header_timeout, entry.key), logging.INFO)
+                self.throttle.note("408", logging.INFO, "408: request heads slower than --header-timeout %g s, "
+                                   "e.g. from %s", self.header_timeout, entry.key)
                 self._answer(entry, 408, "The request head took longer than %g seconds." % self.header_timeout)
             else:
                 self._discard(entry)  # idle, a TLS handshake that never finished, or done lingering
@@ -259,8 +257,8 @@ class Gate:
                 return
             except OSError as err:
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.throttle.note("files", "cannot accept connections: %s; lower --max-connections "
-                                       "or raise the open-files limit" % err.strerror, logging.ERROR)
+                    self.throttle.note("files", logging.ERROR, "cannot accept connections: %s; lower "
+                                       "--max-connections or raise the open-files limit", err.strerror)
                     self.selector.unregister(self.listener)  # until the next sweep
                     self.accept_paused = True
                     return
@@ -274,7 +272,7 @@ class Gate:
         refused = self.admission.admit(sock, entry.key)
         if refused:
             limit, text = refused
-            self.throttle.note(limit, "refusing connections over %s, e.g. from %s" % (limit, entry.key))
+            self.throttle.note(limit, logging.WARNING, "refusing connections over %s, e.g. from %s", limit, entry.key)
             if self.context:
                 sock.close()
             else:
@@ -316,7 +314,7 @@ class Gate:
             entry.state = HANDSHAKE
             self._handshake(entry)
         elif first.isalpha():
-            self.throttle.note("plain", "plain HTTP sent to the TLS port, e.g. from %s" % entry.key, logging.INFO)
+            self.throttle.note("plain", logging.INFO, "plain HTTP sent to the TLS port, e.g. from %s", entry.key)
             self._answer(entry, 400, httphead.PLAIN_HTTP_ON_TLS)
         else:
             self._discard(entry)
@@ -331,8 +329,8 @@ class Gate:
             self._watch(entry, _WRITE)
             return
         except OSError as err:
-            self.throttle.note("tls", "TLS handshakes failed, e.g. from %s: %s"
-                               % (entry.key, getattr(err, "reason", None) or err), logging.INFO)
+            self.throttle.note("tls", logging.INFO, "TLS handshakes failed, e.g. from %s: %s",
+                               entry.key, getattr(err, "reason", None) or err)
             self._discard(entry)
             return
         self._start_reading(entry, b"")
@@ -370,16 +368,15 @@ class Gate:
         end = httphead.head_end(entry.buf, entry.scanned)
         entry.scanned = len(entry.buf)
         if end > httphead.MAX_HEAD or (end < 0 and len(entry.buf) > httphead.MAX_HEAD):
-            self.throttle.note("431", "431: request heads over %d bytes, e.g. from %s"
-                               % (httphead.MAX_HEAD, entry.key), logging.INFO)
+            self.throttle.note("431", logging.INFO, "431: request heads over %d bytes, e.g. from %s",
+                               httphead.MAX_HEAD, entry.key)
             self._answer(entry, 431, "The request head is larger than %d bytes." % httphead.MAX_HEAD)
             return True
         if end < 0:
             return False
         refused = httphead.refusal(entry.buf[:end])
         if refused:
-            self.throttle.note("body", "%d: requests with a body, e.g. from %s" % (refused[0], entry.key),
-                               logging.INFO)
+            self.throttle.note("body", logging.INFO, "%d: requests with a body, e.g. from %s", refused[0], entry.key)
             self._answer(entry, *refused)
             return True
         self._unwatch(entry)
@@ -501,29 +498,9 @@ class GateServer(CPWSGIServer):
         self.request_queue_size = max(self.request_queue_size, socket.SOMAXCONN)
 
     def prepare(self):
-        hide_tokens()
         super().prepare()
         cheroots, self._connections = self._connections, Gate(self, self.admission, self.header_timeout)
         cheroots.close()
-
-
-_TOKEN = re.compile(r"([?&]token=)[^&\s\"]*")
-
-
-class _HideTokens(logging.Filter):
-    def filter(self, record):
-        if isinstance(record.msg, str) and "token=" in record.msg:
-            record.msg = _TOKEN.sub(r"\1(hidden)", record.msg)
-        return True
-
-
-def hide_tokens():
-    """Keep `?token=...` out of CherryPy's access and error logs (-d shows them): the global ones
-    and each mounted application's own."""
-    managers = [cherrypy.log] + [app.log for app in cherrypy.tree.apps.values()]
-    for logger in (logger for m in managers for logger in (m.access_log, m.error_log)):
-        if not any(isinstance(f, _HideTokens) for f in logger.filters):
-            logger.addFilter(_HideTokens())
 
 
 __all__ = ["Admission", "GateServer", "Limits", "raise_open_files_limit"]

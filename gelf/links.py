@@ -1,17 +1,26 @@
-"""Links: the sockets a server exchanges gelf messages with, and the set of them.
+"""Links: the peers a server exchanges gelf messages with, each behind one ordered, bounded sender.
 
-Sending never blocks whoever offers a message (the tap reader, or a link forwarding as a hub):
-when nothing is waiting for a link, the message is written at once if the socket takes it
-without blocking (no thread handoff: this is the low-latency path); otherwise it joins the
-link's bounded backlog, which the link's sender thread writes, several messages per system
-call. A slow or stuck peer fills only its own backlog, then its messages are dropped
-(`queue_full`); memory stays bounded whatever the peers do.
+A Link is one peer: a browser page, a relay or a gelf server that connected to /ws
+(server.SocketLink), or a server this process dials (client.DialLink). While it is connected it
+holds a non-blocking socket and a fastws.Connection; the link loop (loop.py) reads the socket,
+writes it when it is writable, and keeps the time. The rules (docs/design.md, "Threads"):
+
+- Any thread may `offer` a message and it never waits for a peer. With nothing queued on a
+  plain TCP socket, the offering thread (the tap reader, or the loop forwarding as a hub)
+  writes the frame at once without blocking: no thread hand-off, the low-latency path. What
+  the socket does not take waits in the link's queue, which the loop writes on writability.
+- A TLS socket is touched by the loop thread alone (one SSL object must not be read and
+  written by two threads at once), so its messages always go through the queue.
+- The queue is bounded in messages and bytes. A full queue drops for that link alone
+  (`queue_full`); a peer that takes nothing for `stall` seconds is closed by the loop.
+- Every byte leaves through the same ordered path: data frames and the protocol's own frames
+  (pong, Close) in the order they were queued, and no data frame after our Close.
 """
 
 import collections
 import itertools
 import logging
-import socket
+import ssl
 import threading
 import time
 
@@ -21,131 +30,238 @@ from gelf.stats import Drops, Traffic
 log = logging.getLogger("gelf.links")
 
 QUEUE_MESSAGES = 256
-WRITE_BATCH = 256 * 1024  # bytes the sender thread joins into one write
+QUEUE_BYTES = 4 << 20  # messages are shared between links' queues, so this bounds memory per link
+WRITE_BATCH = 256 * 1024  # bytes joined into one write
+RECV_SIZE = 256 * 1024
+READ_BUDGET = 1 << 20  # bytes read from one TLS socket per wake-up, so one peer cannot hog the loop
 
 _ids = itertools.count(1)
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Framed(bytes):
-    """Bytes already framed for the wire (a control frame, or the unsent tail of a message)."""
+    """Bytes that are already WebSocket frames (the protocol's pong or Close)."""
 
 
 class Link:
-    """One peer. Subclasses set `masked` and provide `_socket()` and `_abort()`."""
+    """One peer. `deliver(payload, link)` takes every binary message it receives."""
 
     kind = "link"
-    masked = False  # WebSocket clients mask what they send, servers do not
+    client = False  # True for links we dialed: WebSocket clients mask what they send
 
-    def __init__(self, peer, drops):
+    def __init__(self, peer, drops, deliver=None):
         self.id = next(_ids)
         self.peer = peer
         self.drops = Drops(parent=drops)
+        self.deliver = deliver
         self.state = "open"
         self.since = time.time()
         self.rx = Traffic()
         self.tx = Traffic()
-        self._stopped = False
-        self._cond = threading.Condition(threading.Lock())
-        self._pending = collections.deque()
-        self._backlog = 0  # messages pending or being written by the sender thread
-        self._sender = threading.Thread(target=self._send_loop, name="gelf-send-%d" % self.id, daemon=True)
+        self.sock = None
+        self.ws = None  # the fastws.Connection while connected
+        self.tls = False
+        self.loop = None  # the LinkLoop that owns the socket while connected
+        self._lock = threading.Lock()
+        self._queue = collections.deque()
+        self._queued = 0  # bytes in _queue
+        self._head = None  # memoryview: framed bytes being written
+        self._closing = False  # our Close is queued: no more data
+        self._writing = False  # the loop watches the socket for writability
+        now = time.monotonic()
+        self.progress = now  # when the peer last took bytes (or there was nothing to take)
+        self.heard = now  # when the peer last sent anything
+        self.pinged = None  # when our unanswered keepalive ping went out
+        self.deadline = None  # when a closing handshake gives up
+        self.why = None  # what broke the socket, in words
 
-    def start(self):
-        self._sender.start()
+    # ---------------------------------------------------------------- any thread
 
     def offer(self, message):
-        """Send `message` now if the socket takes it without blocking, else queue it; never blocks."""
-        self._offer(message, len(message))
-
-    def offer_frame(self, data):
-        """Send bytes that are already a WebSocket frame (pong, close), in order with the rest."""
-        self._offer(_Framed(data), 0)
-
-    def _offer(self, item, size):
-        with self._cond:
-            if self._stopped:
-                return
-            if self._backlog == 0:
-                sock = self._socket()
-                if sock is not None and not hasattr(sock, "pending"):  # plain TCP: try at once
-                    data = self._frame(item)
-                    try:
-                        sent = sock.send(data, socket.MSG_DONTWAIT)
-                    except (BlockingIOError, InterruptedError):
-                        sent = 0
-                    except OSError as err:
-                        log.debug("link %d (%s): send failed: %s", self.id, self.peer, err)
-                        self._abort()
-                        return
-                    if sent == len(data):
-                        self.tx.add(size)
-                        return
-                    item = _Framed(memoryview(data)[sent:])
-                    self.tx.add(size)
-            elif self._backlog >= QUEUE_MESSAGES:
-                self.drops.add("queue_full")
-                return
-            self._pending.append(item)
-            self._backlog += 1
-            self._cond.notify()
-
-    def _frame(self, item):
-        if isinstance(item, _Framed):
-            return item
-        return fastws.frame(item, masked=self.masked)
-
-    def stop(self):
-        """Stop the sender for good; pending messages are discarded."""
-        with self._cond:
-            if self._stopped:
-                return
-            self._stopped = True
-            self.state = "closed"
-            self._pending.clear()
-            self._cond.notify()
-
-    def _send_loop(self):
-        while True:
-            with self._cond:
-                while not self._pending and not self._stopped:
-                    self._cond.wait()
-                if self._stopped:
+        """Send one gelf message as a binary WebSocket message; never blocks, drops when full."""
+        with self._lock:
+            ws = self.ws
+            if ws is None or self._closing:
+                return  # not connected (a link still dialing), or closing
+            if self._head is not None or self._queue:
+                if len(self._queue) >= QUEUE_MESSAGES or self._queued >= QUEUE_BYTES:
+                    self.drops.add("queue_full")
                     return
-                batch, size = [], 0
-                while self._pending and size < WRITE_BATCH:
-                    item = self._pending.popleft()
-                    batch.append(item)
-                    size += len(item)
-            data = b"".join(self._frame(item) for item in batch)
-            sock = self._socket()
-            try:
-                if sock is None:
-                    raise OSError("not connected")
-                sock.sendall(data)
-                sent = True
-            except OSError as err:
-                # The transport is gone; its owner notices and closes or redials the link.
-                log.debug("link %d (%s): send failed: %s", self.id, self.peer, err)
-                self._abort()
-                sent = False
-            with self._cond:
-                self._backlog -= len(batch)
+                self._queue.append(message)
+                self._queued += len(message)
+                return
+            self.progress = time.monotonic()  # from now on, something waits for the peer
+            if self.tls:
+                self._queue.append(message)
+                self._queued += len(message)
+            else:
+                self.tx.add(len(message))
+                self._send_now(ws.send_binary(message))
+            self._want_write()
+
+    def _send_now(self, data):
+        """Write what a plain TCP socket takes at once; keep the rest as the head of the queue."""
+        try:
+            sent = self.sock.send(data)
+        except _WOULD_BLOCK:
+            sent = 0
+        except OSError:
+            sent = 0  # the loop finds the error when it next reads or writes this socket
+        if sent < len(data):
+            self._head = memoryview(data)[sent:]
+
+    def _want_write(self):
+        """Have the loop watch for writability while anything waits (caller holds the lock)."""
+        waiting = self._head is not None or bool(self._queue)
+        if waiting != self._writing and self.loop is not None:
+            self._writing = waiting
+            self.loop.watch(self, waiting)
+
+    # ---------------------------------------------------------------- the loop thread
+
+    def attach(self, sock, ws, loop):
+        """Start carrying messages over a connected, non-blocking socket."""
+        with self._lock:
+            self.sock, self.ws, self.loop = sock, ws, loop
+            self.tls = isinstance(sock, ssl.SSLSocket)
+            self._closing = self._writing = False
+            self._queue.clear()
+            self._queued = 0
+            self._head = None
+            now = time.monotonic()
+            self.progress = self.heard = now
+            self.pinged = self.deadline = self.why = None
+            self.state = "open"
+            self.since = time.time()
+
+    def detach(self):
+        """Forget the connection (the loop closes the socket): nothing half-sent survives it."""
+        with self._lock:
+            sock = self.sock
+            self.sock = self.ws = self.loop = None
+            self._closing = True
+            self._queue.clear()
+            self._queued = 0
+            self._head = None
+            self._writing = False
+            return sock
+
+    def send_control(self, data, closing=False):
+        """Queue frames the protocol produced (pong, Close) behind the data already queued."""
+        with self._lock:
+            if self.ws is None or self._closing:
+                return
+            if closing:
+                self._closing = True
+            if self._head is None and not self._queue and not self.tls:
+                self._send_now(data)
+            else:
+                self._queue.append(_Framed(data))
+            self._want_write()
+
+    def close(self, code, reason, timeout):
+        """Start the closing handshake: our Close after what is queued; give up after `timeout`."""
+        if self.ws is None or self.ws.close_sent:
+            return
+        self.deadline = time.monotonic() + timeout
+        self.send_control(self.ws.send_close(code, reason), closing=True)
+
+    def flush(self):
+        """Write queued frames until the socket would block. Returns False if the socket failed."""
+        with self._lock:
+            ws = self.ws
+            while ws is not None:
+                if self._head is None:
+                    if not self._queue:
+                        break
+                    self._head = memoryview(self._batch(ws))
+                try:
+                    sent = self.sock.send(self._head)
+                except _WOULD_BLOCK:
+                    return True
+                except OSError as err:
+                    self.why = str(err)
+                    return False
                 if sent:
-                    self.tx.add(sum(len(item) for item in batch if not isinstance(item, _Framed)))
+                    self.progress = time.monotonic()
+                self._head = self._head[sent:] if sent < len(self._head) else None
+            self._want_write()
+            return True
 
-    def _reset(self):
-        """Forget what was pending for a connection that is gone (a redialed link starts clean:
-        a half-sent frame must never reach the next connection)."""
-        with self._cond:
-            self._backlog -= len(self._pending)
-            self._pending.clear()
+    def _batch(self, ws):
+        """Frames for up to WRITE_BATCH bytes of queued items, joined for one system call."""
+        parts, size = [], 0
+        queue = self._queue
+        while queue and size < WRITE_BATCH:
+            item = queue.popleft()
+            if isinstance(item, _Framed):
+                parts.append(item)
+            else:
+                self._queued -= len(item)
+                self.tx.add(len(item))
+                parts.append(ws.send_binary(item))
+            size += len(parts[-1])
+        return b"".join(parts)
 
-    def _socket(self):
-        """The connected socket, or None."""
-        raise NotImplementedError
+    def receive(self):
+        """Read what arrived and act on it. Returns False once the peer closed or the socket failed."""
+        sock = self.sock
+        chunks, size, eof = [], 0, False
+        try:
+            while True:
+                chunk = sock.recv(RECV_SIZE)
+                if not chunk:
+                    eof = True
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if not self.tls or size >= READ_BUDGET and not sock.pending():
+                    break  # plain TCP: one big read per wake-up (epoll reports the rest again)
+        except _WOULD_BLOCK:
+            pass
+        except OSError as err:  # a reset, or a TLS error
+            self.why = str(err) or type(err).__name__
+            eof = True
+        if chunks:
+            self.feed(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if eof:
+            self.ws.receive_eof()
+        return not eof
 
-    def _abort(self):
-        """Tear the transport down after a send error."""
+    def feed(self, data):
+        """Act on bytes received from the peer: deliver its messages, answer the protocol."""
+        self.heard = time.monotonic()
+        self.pinged = None
+        ws = self.ws
+        for kind, value in ws.receive_data(data):
+            if kind is fastws.Event.BINARY:
+                self.rx.add(len(value))
+                self.deliver(value, self)
+            elif kind is fastws.Event.TEXT:
+                self.rx.add(value)
+                self.drops.add("text")  # gelf speaks binary only
+            elif kind is fastws.Event.FAILED:
+                code, reason = value
+                self.drops.add("oversize" if code == fastws.CloseCode.TOO_BIG else "malformed")
+                log.debug("link %d (%s): closing: %s", self.id, self.peer, reason)
+            elif kind is fastws.Event.CLOSE:
+                log.debug("link %d (%s): peer closes (%s %s)", self.id, self.peer, *value)
+        out = ws.data_to_send()
+        if out:
+            self.send_control(out, closing=ws.close_sent)
+
+    def waiting(self):
+        """True while frames wait to be written."""
+        return self._head is not None or bool(self._queue)
+
+    def opened(self):
+        """The loop carries the connection now; subclasses make it take part in forwarding."""
+
+    def ended(self, code, why):
+        """The connection is over and its socket closed; subclasses say what that means."""
+        self.state = "closed"
+
+    # ---------------------------------------------------------------- /stats
 
     def describe(self):
         return {
@@ -158,33 +274,45 @@ class Link:
             "rx_bytes": self.rx.bytes,
             "tx_messages": self.tx.count,
             "tx_bytes": self.tx.bytes,
+            "queued": len(self._queue),
             "drops": self.drops.snapshot(),
         }
 
 
 class LinkSet:
-    """The links of one server. Copy-on-write, so the hot path iterates without a lock."""
+    """The links of one server or relay. Copy-on-write, so the hot path iterates without a lock.
+
+    `add`ed links carry traffic; `keep`s are links listed in /stats even while they are not
+    connected (the links this process dials).
+    """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._links = ()
+        self._kept = ()
 
     def add(self, link):
         with self._lock:
-            self._links = self._links + (link,)
+            if link not in self._links:
+                self._links = self._links + (link,)
 
     def remove(self, link):
         with self._lock:
             self._links = tuple(other for other in self._links if other is not link)
+
+    def keep(self, link):
+        with self._lock:
+            self._kept = self._kept + (link,)
 
     def offer(self, message, exclude=None):
         for link in self._links:
             if link is not exclude:
                 link.offer(message)
 
-    def stop_all(self):
-        for link in self._links:
-            link.stop()
+    def listing(self):
+        """Every link to show: the connected ones and those being dialed, by id."""
+        links, kept = self._links, self._kept
+        return sorted(set(links) | set(kept), key=lambda link: link.id)
 
     def __iter__(self):
         return iter(self._links)

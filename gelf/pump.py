@@ -8,6 +8,7 @@ the tap. Nothing that fails validation goes anywhere; each drop is counted by re
 id (origin, seq) is handled once, which is what keeps cycles in the topology from storming.
 """
 
+import errno
 import logging
 import os
 import select
@@ -22,7 +23,10 @@ from gelf.switch import LOCAL
 log = logging.getLogger("gelf.pump")
 
 POLL_MS = 200  # how quickly the reader notices a stop request
-MAX_WARNINGS = 256  # distinct (reason, origin) pairs warned about, so bad peers cannot flood the log
+WARN_AGAIN = 600.0  # seconds before the same peer's misconfiguration is warned about again
+MAX_WARNINGS = 256  # (reason, origin) pairs remembered; the oldest is forgotten first
+# What reading a tap whose interface was deleted (or whose namespace was) gives: it never recovers.
+TAP_GONE = (errno.EBADFD, errno.ENODEV, errno.ENXIO, errno.EIO, errno.EBADF)
 
 WARNINGS = {
     "auth": "messages from origin %s (via %s) fail authentication: its key does not match this "
@@ -34,14 +38,19 @@ WARNINGS = {
 }
 
 
+class TapGone(Exception):
+    """The tap cannot be read any more: its interface was deleted."""
+
+
 class Pump:
-    def __init__(self, tap, links, drops, origin=None, sealer=None, switch=None, capture=None):
+    def __init__(self, tap, links, drops, origin=None, sealer=None, switch=None, capture=None, on_fatal=None):
         self.tap = tap
+        self.on_fatal = on_fatal  # called once, with a sentence, if the tap is gone for good
         self.capture = capture or pcap.NoCapture()  # --pcap
         self.sealer = sealer
         self.switch = switch  # a MacTable with --learn; None: hub
         self.seen = SeenFilter()
-        self._warned = set()
+        self._warned = {}  # (reason, origin) -> when it was last warned about
         self.links = links
         self.drops = drops
         self.origin = origin if origin is not None else int.from_bytes(os.urandom(4), "big")
@@ -69,11 +78,18 @@ class Pump:
     def _run(self):
         poller = select.poll()
         poller.register(self.tap.fileno(), select.POLLIN)
-        while self._running.is_set():
-            if not poller.poll(POLL_MS):
-                continue
-            with self._sending:
-                self._send_ready()
+        try:
+            while self._running.is_set():
+                if not poller.poll(POLL_MS):
+                    continue
+                with self._sending:
+                    self._send_ready()
+        except TapGone as err:
+            self._running.clear()
+            if self.on_fatal:
+                self.on_fatal(str(err))
+            else:
+                log.error("%s", err)
 
     def _send_ready(self):
         """Send what the tap has ready as one message. Callers hold `_sending`, which keeps the
@@ -95,6 +111,9 @@ class Pump:
             try:
                 frame = self.tap.read()
             except OSError as err:
+                if err.errno in TAP_GONE:
+                    raise TapGone("the tap %s is gone (its interface or its network namespace was "
+                                  "deleted): %s" % (self.tap.name, err.strerror)) from None
                 log.warning("reading %s failed: %s", self.tap.name, err)
                 break
             if frame is None:
@@ -151,6 +170,8 @@ class Pump:
         if self._sending.acquire(blocking=False):
             try:
                 self._send_ready()
+            except TapGone:
+                pass  # the reader thread reports it
             finally:
                 self._sending.release()
 
@@ -197,12 +218,19 @@ class Pump:
         return ports is None or LOCAL in ports
 
     def _warn_once(self, reason, data, link):
-        """One warning per misconfigured peer (origin), not one per message."""
+        """One warning per misconfigured peer (origin) every WARN_AGAIN seconds, not one per
+        message. The table is bounded by forgetting the oldest entry, so a peer inventing
+        origins cannot use warnings up: a real mismatch later is still reported."""
         text = WARNINGS.get(reason)
-        if text is None or len(self._warned) >= MAX_WARNINGS:
+        if text is None:
             return
-        origin = bytes(data[4:8]).hex()
-        if (reason, origin) in self._warned:
+        key = (reason, bytes(data[4:8]).hex())
+        now = time.monotonic()
+        last = self._warned.pop(key, None)
+        if last is not None and now - last < WARN_AGAIN:
+            self._warned[key] = last
             return
-        self._warned.add((reason, origin))
-        log.warning(text, origin, "link %d %s" % (link.id, link.peer) if link else "?")
+        if len(self._warned) >= MAX_WARNINGS:
+            self._warned.pop(next(iter(self._warned)))
+        self._warned[key] = now
+        log.warning(text, key[1], "link %d %s" % (link.id, link.peer) if link else "?")

@@ -13,8 +13,10 @@ import sys
 import threading
 
 from gelf import __version__, wire
-from gelf.client import DialLink, dial_context
+from gelf.client import DialLink, dial_context, normalize_url
 from gelf.links import LinkSet
+from gelf.logs import setup_logging
+from gelf.loop import LinkLoop
 from gelf.seen import SeenFilter
 from gelf.stats import Drops
 
@@ -26,7 +28,9 @@ class Relay:
         self.links = LinkSet()
         self.drops = Drops()
         self.seen = SeenFilter()
-        self.dials = [DialLink(url, self.links, self.deliver, self.drops, context, kind="relay") for url in urls]
+        self.loop = LinkLoop()
+        self.dials = [DialLink(url, self.links, self.deliver, self.drops, self.loop, context, kind="relay")
+                      for url in urls]
 
     def deliver(self, data, link):
         """Forward a message to every other server, unless it was already relayed."""
@@ -41,12 +45,15 @@ class Relay:
         self.links.offer(data, exclude=link)
 
     def start(self):
+        self.loop.start()
         for dial in self.dials:
             dial.start()
 
     def stop(self):
         for dial in self.dials:
             dial.stop()
+        self.loop.stop()
+        self.loop.join()
         for dial in self.dials:
             dial.join(2)
 
@@ -57,8 +64,8 @@ def build_parser():
         description="Relay gelf servers without a browser: every message from one server goes to "
         "all the others, as the relay page does.")
     parser.add_argument("urls", nargs="+", metavar="URL",
-                        help="a server's WebSocket, ws://host:port/ws or wss://...; add ?token=... "
-                        "for a server started with --token")
+                        help="a server, as host:port (ws://host:port/ws), ws://host:port/ws or "
+                        "wss://...; add #TOKEN (or ?token=TOKEN) for a server started with --token")
     parser.add_argument("--cacert", metavar="FILE", help="also trust this CA for wss:// servers")
     parser.add_argument("--insecure", action="store_true",
                         help="do not verify wss:// certificates (anyone on the path can then read tokens)")
@@ -68,13 +75,12 @@ def build_parser():
 
 
 def main(argv=None):
-    from gelf.cli import setup_logging
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if len(args.urls) < 2:
         parser.error("give at least two server URLs to relay between")
     try:
+        args.urls = [normalize_url(url) for url in args.urls]
         context = dial_context(args.urls, args.cacert, args.insecure)
     except ValueError as err:
         parser.error(str(err))

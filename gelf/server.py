@@ -1,27 +1,25 @@
 """The CherryPy application: the relay page, its assets, /stats, /metrics and the /ws endpoint.
 
-ws4py's WebSocketPlugin and WebSocketTool turn `/ws` requests into GelfSocket handlers; each
-handler is a Link (see links.py) whose received messages go to Pump.deliver.
+ws4py's WebSocketTool upgrades `/ws` requests and its WebSocketPlugin hands each connection
+to WebSocketLinks, gelf's link loop (loop.py), as a SocketLink (links.py) whose received
+messages go to Pump.deliver.
 """
 
 import functools
-import hmac
 import logging
 import socket
 import string
 import sys
-import threading
 import time
 from pathlib import Path
 
 import cherrypy
-from cherrypy.lib import httputil
-from ws4py.manager import WebSocketManager
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
-from ws4py.websocket import WebSocket
 
-from gelf import __version__, fastws, gate, metrics
+from gelf import __version__, fastws, gate, guard, handshake, metrics
 from gelf.links import Link
+from gelf.logs import Redact
+from gelf.loop import LinkLoop
 
 log = logging.getLogger("gelf.server")
 
@@ -35,61 +33,81 @@ def asset_dir(name):
     raise FileNotFoundError("gelf's %s directory is missing from this installation" % name)
 
 
+class Upgrade:
+    """What ws4py's WebSocketTool makes of a successful /ws upgrade (its `handler_cls`): the
+    socket and the request's environ. The WebSocketPlugin hands it to its manager,
+    WebSocketLinks, which owns the socket from then on."""
+
+    def __init__(self, sock, protocols=None, extensions=None, environ=None, heartbeat_freq=None):
+        self.sock = sock
+        self.environ = environ or {}
+
+
 class SocketLink(Link):
     """A peer that connected to our /ws: a browser page, a headless relay or a gelf server that
     dialed us (these two say so in their User-Agent, see client.py)."""
 
-    def __init__(self, ws, peer, drops, kind="browser"):
-        super().__init__(peer, drops)
-        self.ws = ws
+    def __init__(self, peer, kind, links, drops, deliver, release=None):  # gate: release
+        super().__init__(peer, drops, deliver)
         self.kind = kind
-
-    def _socket(self):
-        return self.ws.sock
-
-    def _abort(self):
-        self.ws.close_connection()
-
-
-class GelfSocket(fastws.FastReceive, WebSocket):
-    """ws4py handler for one /ws connection, bound to the server's pump and links.
-
-    ws4py accepts the connection and runs it; fastws reads and writes its frames.
-    """
-
-    def __init__(self, *args, pump, links, drops, admission=None, **kwargs):  # gate: admission
-        super().__init__(*args, **kwargs)
-        self.admission = admission  # gate: this connection's slot, released in closed()
         self.links = links
-        self.drops = drops
-        self.link = None
-        self.reader = fastws.FrameReader(expect_masked=True, max_message=pump.max_message)
-        self.deliver = pump.deliver
+        self.release = release  # gate: gives the connection's admission slot back
 
     def opened(self):
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not TCP (tests may use socketpairs); nothing to tune
-        env = self.environ or {}
+        self.links.add(self)
+        log.info("link %d open: %s %s", self.id, self.kind, self.peer)
+
+    def ended(self, code, why):
+        super().ended(code, why)
+        if self.release is not None:  # gate
+            self.release()
+        self.links.remove(self)
+        log.info("link %d closed: %s (%s%s)", self.id, self.peer, int(code), ": %s" % why if why else "")
+
+
+class WebSocketLinks(LinkLoop):
+    """The manager ws4py's WebSocketPlugin drives (start, add, close_all, stop, join): gelf's link
+    loop, which also carries the links this server dials (client.py)."""
+
+    admission = None  # gate: the gate.Admission whose slots upgraded connections hold; set by mount()
+
+    def __init__(self, links, drops, deliver, max_message, **timeouts):
+        super().__init__(**timeouts)
+        self.links = links
+        self.drops = drops
+        self.deliver = deliver
+        self.max_message = max_message
+
+    def add(self, upgrade):
+        """Take over one upgraded /ws connection (called in the CherryPy worker that upgraded it)."""
+        env = upgrade.environ
         peer = "%s:%s" % (env.get("REMOTE_ADDR", "?"), env.get("REMOTE_PORT", "?"))
         agent = env.get("HTTP_USER_AGENT", "")
         kind = "browser"
         if agent.startswith("gelf/"):
             kind = "relay" if agent.endswith(" relay") else "direct"
-        self.link = SocketLink(self, peer, self.drops, kind)
-        self.link.start()
-        self.links.add(self.link)
-        log.info("link %d open: %s %s", self.link.id, self.link.kind, peer)
+        try:
+            upgrade.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass  # not TCP (tests may use socketpairs); nothing to tune
+        release = self.admission and functools.partial(self.admission.release, upgrade.sock)  # gate
+        link = SocketLink(peer, kind, self.links, self.drops, self.deliver, release)  # gate: release
+        self.attach(link, upgrade.sock, fastws.Connection(client=False, max_message=self.max_message))
 
-    def closed(self, code, reason=None):
-        if self.admission is not None:  # gate: the WebSocket's connection slot is free again
-            self.admission.release(self.sock)
-        link = self.link
-        if link is not None:
-            self.links.remove(link)
-            link.stop()
-            log.info("link %d closed: %s (%s)", link.id, link.peer, code)
+
+def check_upgrade():
+    """Refuse a malformed /ws upgrade request with the status RFC 6455 4.2 asks for (ws4py's
+    tool, which runs next, would answer 500)."""
+    request = cherrypy.serving.request
+    problem = handshake.check_request(request.method, request.headers.get)
+    if problem:
+        status, text, headers = problem
+        cherrypy.serving.response.headers.update(headers)
+        raise cherrypy.HTTPError(status, text)
+
+
+# What a foreign page relaying for this server may read in /stats (what the page shows).
+SUMMARY = ("version", "uptime", "origin", "encryption", "tap", "drops")
 
 
 class Root:
@@ -130,15 +148,18 @@ class Root:
                 "written_bytes": pump.written.bytes,
             },
             "drops": self.drops.snapshot(),
-            "links": [link.describe() for link in self.links],
+            "links": [link.describe() for link in self.links.listing()],
         }
 
     @cherrypy.expose
     @cherrypy.tools.json_out()
     def stats(self, **params):
-        # Pages relaying for this server show its errors (e.g. a key mismatch): allow them to read.
-        cherrypy.response.headers["Access-Control-Allow-Origin"] = "*"
-        return self.snapshot()
+        """The snapshot as JSON. Pages relaying for this server show its errors (a key mismatch)
+        from it: a foreign page that may relay reads the summary, without links (guard.py)."""
+        snapshot = self.snapshot()
+        if guard.allow_reading(cherrypy.serving.request, cherrypy.serving.response) is guard.Origin.FOREIGN:
+            return {key: snapshot[key] for key in SUMMARY}
+        return snapshot
 
     @cherrypy.expose
     def metrics(self, **params):
@@ -148,45 +169,21 @@ class Root:
         return body
 
 
-class OrderlyManager(WebSocketManager):
-    """ws4py's manager, stopped in order: its stop() closes the epoll object while the manager
-    thread may still be handling the last events (a traceback at every busy shutdown); here the
-    thread ends first, then the poller is released."""
-
-    def stop(self):
-        self.running = False
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(2)
-        super().stop()
-
-
-def check_token(expected, drops):
-    """Refuse (403) a request whose `token` query parameter is not the server's token.
-
-    Runs before CherryPy has parsed the query string into request.params (and before ws4py's
-    upgrade), so it parses the query string itself.
-    """
-    given = httputil.parse_query_string(cherrypy.serving.request.query_string).get("token")
-    if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
-        drops.add("forbidden")
-        # Readable cross-origin, so a relaying page can tell "refused" from "unreachable".
-        cherrypy.serving.response.headers["Access-Control-Allow-Origin"] = "*"
-        raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")
-
-
-def mount(engine, host, port, tap, pump, links, drops, debug=False, token=None, tls=None, limits=None):
+def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, token=None, tls=None,
+          policy=None, limits=None):
     """Configure CherryPy to serve gelf on host:port; the caller starts the engine.
 
-    `tls` is (certificate file, private key file) to serve https and wss; `limits` a gate.Limits.
+    `manager` (WebSocketLinks) takes every upgraded /ws connection; `tls` is (certificate
+    file, private key file) to serve https and wss; `policy` says which pages may use it;
+    `limits` (gate.Limits) what clients may hold.
     """
     limits = limits or gate.Limits()  # gate
-    admission = gate.Admission(limits.max_connections, limits.max_per_address)  # gate
+    manager.admission = gate.Admission(limits.max_connections, limits.max_per_address)  # gate
     plugin = WebSocketPlugin(engine)
-    plugin.manager = OrderlyManager()
+    plugin.manager = manager
     plugin.subscribe()
     cherrypy.tools.websocket = WebSocketTool()
-    cherrypy.tools.gelf_token = cherrypy.Tool("on_start_resource", check_token, priority=10)
-    handler = functools.partial(GelfSocket, pump=pump, links=links, drops=drops, admission=admission)  # gate
+    cherrypy.tools.gelf_upgrade = cherrypy.Tool("on_start_resource", check_upgrade, priority=20)
     settings = {
         "server.socket_host": host,
         "server.socket_port": port,
@@ -203,18 +200,19 @@ def mount(engine, host, port, tap, pump, links, drops, debug=False, token=None, 
             "server.ssl_private_key": tls[1],
         })
     cherrypy.config.update(settings)
-    cherrypy.server.httpserver = gate.GateServer(cherrypy.server, admission, limits.header_timeout)  # gate
+    cherrypy.server.httpserver = gate.GateServer(cherrypy.server, manager.admission, limits.header_timeout)  # gate
     root = {"tools.encode.on": True}
-    if token:
-        root.update({"tools.gelf_token.on": True, "tools.gelf_token.expected": token,
-                     "tools.gelf_token.drops": drops})
+    guard.install(root, token, policy or guard.OriginPolicy(), drops)
     config = {
         "/": root,
-        "/ws": {"tools.websocket.on": True, "tools.websocket.handler_cls": handler},
+        "/ws": {"tools.gelf_upgrade.on": True, "tools.websocket.on": True, "tools.websocket.handler_cls": Upgrade},
         "/static": {
             "tools.gelf_token.on": False,
             "tools.staticdir.on": True,
             "tools.staticdir.dir": str(asset_dir("static")),
         },
     }
-    cherrypy.tree.mount(Root(tap, pump, links, drops), "/", config)
+    app = cherrypy.tree.mount(Root(tap, pump, links, drops), "/", config)
+    for log_manager in (cherrypy.log, app.log):  # -d shows CherryPy's logs: no ?token=... in them
+        for logger in (log_manager.access_log, log_manager.error_log):
+            logger.addFilter(Redact())

@@ -211,8 +211,8 @@ def test_throttle_says_one_line_per_kind_and_counts_the_rest(caplog, monkeypatch
     lines = throttle.Throttle(logging.getLogger("gelf.gate"), every=10)
     with caplog.at_level(logging.INFO, logger="gelf.gate"):
         for i in range(1000):
-            lines.note("--max-per-address", "refusing connections from 127.0.0.%d" % (i % 7))
-        lines.note("408", "408 from 127.0.0.2", logging.INFO)
+            lines.note("--max-per-address", logging.WARNING, "refusing connections from %s", "127.0.0.%d" % (i % 7))
+        lines.note("408", logging.INFO, "408 from %s", "127.0.0.2")
         lines.flush()
         clock[0] += 10
         lines.flush()
@@ -482,7 +482,7 @@ def test_tokens_stay_out_of_the_log(gelf_server):
     assert get(srv.port, "/?token=wrong-456").startswith(b"HTTP/1.1 403")
     time.sleep(0.5)
     log = srv.log_text()
-    assert "/stats?token=(hidden)" in log, log  # -d logs requests, without the secret
+    assert "/stats?token=" in log, log  # -d logs requests, without the secret
     assert "sekrit" not in log and "wrong-456" not in log, log
 
 
