@@ -365,6 +365,11 @@ class Gate:
 
     def _scan(self, entry):
         """Act on a complete or oversized head; True if the entry is done reading."""
+        refused = entry.scanned == 0 and httphead.refusal_of_start(entry.buf)
+        if refused:
+            self.throttle.note("start", logging.INFO, "400: not HTTP, e.g. from %s: %s", entry.key, refused[1])
+            self._answer(entry, *refused)
+            return True
         end = httphead.head_end(entry.buf, entry.scanned)
         entry.scanned = len(entry.buf)
         if end > httphead.MAX_HEAD or (end < 0 and len(entry.buf) > httphead.MAX_HEAD):

@@ -20,6 +20,8 @@ REASONS = {
     503: "Service Unavailable",
 }
 
+TLS_ON_PLAIN_HTTP = ("The client started a TLS handshake, but this server only speaks plain HTTP on this "
+                     "port: use http:// or ws://.")
 PLAIN_HTTP_ON_TLS = ("The client sent a plain HTTP request, but this server only speaks HTTPS on "
                      "this port.")  # cheroot's own words for this mistake
 
@@ -39,6 +41,19 @@ def head_end(data, start=0):
     if lf < 0 or (0 <= crlf < lf):
         return crlf + 3
     return lf + 2
+
+
+def refusal_of_start(data):
+    """(400, reason) if `data`, the first bytes of a request, cannot begin an HTTP request, else
+    None. A request starts with its method (upper-case letters), or an empty line to be skipped.
+    Without this a TLS ClientHello sent to the plain port (a wss:// link dialing ws://) would wait
+    for a blank line that never comes, and its client for a TLS answer: both until a timeout."""
+    first = data[:1]
+    if not first or first.isupper() or first in b"\r\n":
+        return None
+    if first == b"\x16":
+        return 400, TLS_ON_PLAIN_HTTP
+    return 400, "This is not an HTTP request."
 
 
 def refusal(head):

@@ -74,6 +74,19 @@ def test_refusal(head, status):
     assert (refused and refused[0]) == status
 
 
+@pytest.mark.parametrize("data, status", [
+    (b"GET / HTTP/1.1\r\n", None),
+    (b"\r\nGET / HTTP/1.1\r\n", None),
+    (b"G", None),
+    (b"\x16\x03\x01\x02\x00", 400),  # a TLS ClientHello on the plain port
+    (b"get / HTTP/1.1\r\n", 400),
+    (b"\x00\x01", 400),
+])
+def test_refusal_of_start(data, status):
+    refused = httphead.refusal_of_start(data)
+    assert (refused and refused[0]) == status
+
+
 def test_response_is_complete_and_closes():
     data = httphead.response(503, "Too many connections from 127.0.0.2 (at most 64).")
     head, _, body = data.partition(b"\r\n\r\n")
@@ -434,6 +447,8 @@ def test_keep_alive_pipelining_body_and_big_heads(gelf_server):
     assert answer.startswith(b"HTTP/1.1 413")
     answer = exchange(srv.port, "GET / HTTP/1.1\r\nX-Big: %s\r\n\r\n" % ("a" * 20000))
     assert answer.startswith(b"HTTP/1.1 431")
+    answer = exchange(srv.port, half_a_client_hello())  # wss:// to the plain port: told at once
+    assert answer.startswith(b"HTTP/1.1 400") and httphead.TLS_ON_PLAIN_HTTP.encode() in answer
     assert get(srv.port, "/").startswith(b"HTTP/1.1 200")
 
 
