@@ -111,7 +111,11 @@ class LinkLoop:
                     link = self._links.get(fd)
                     if link is None:
                         continue
-                    self._service(link, mask)
+                    try:
+                        self._service(link, mask)
+                    except Exception:  # a bug, not the peer's doing: that link pays for it, not all
+                        log.exception("link %d (%s): internal error", link.id, link.peer)
+                        self._finish(link, fastws.CloseCode.INTERNAL_ERROR, "internal error")
                 now = time.monotonic()
                 if now >= next_tick:
                     next_tick = now + TICK

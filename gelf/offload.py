@@ -10,6 +10,8 @@ turns them back into ordinary frames here: TCP segmentation and checksum complet
 
 import struct
 
+from gelf.wire import ETH_HEADER as ETH_HLEN
+
 VNET_HDR = struct.Struct("<BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_HDR_SIZE = VNET_HDR.size  # 10
 PLAIN = bytes(VNET_HDR_SIZE)   # a frame with nothing left to do
@@ -19,6 +21,7 @@ GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 
 ETH_P_IP, ETH_P_IPV6, ETH_P_8021Q = 0x0800, 0x86DD, 0x8100
 TCP_FIN, TCP_PSH, TCP_CWR = 0x01, 0x08, 0x80
+IPV4_HLEN, IPV6_HLEN, TCP_HLEN = 20, 40, 20  # the shortest headers
 
 
 class OffloadError(ValueError):
@@ -47,6 +50,8 @@ def to_frames(vframe):
     """Ordinary Ethernet frames for one `virtio_net_hdr + frame`, as a tap without offload
     needs them: the frame itself (its checksum completed if the kernel left it partial), or
     the TCP segments of a super-frame."""
+    if len(vframe) < VNET_HDR_SIZE + ETH_HLEN:
+        raise OffloadError("frame shorter than a virtio and an Ethernet header")
     flags, gso_type, _, gso_size, csum_start, csum_offset = VNET_HDR.unpack_from(vframe)
     frame = bytearray(vframe[VNET_HDR_SIZE:])
     kind = gso_type & ~GSO_ECN
@@ -69,10 +74,15 @@ def _complete_checksum(frame, start, offset):
 def _segment_tcp(frame, kind, mss, l4):
     """Split a TCP super-frame into frames of at most `mss` payload bytes, fixing lengths,
     IPv4 ids, sequence numbers, flags and checksums as the kernel's GSO would."""
+    # Every field read below is checked to lie inside the frame first: a peer's super-frame
+    # is untrusted input.
     l3 = 18 if struct.unpack_from("!H", frame, 12)[0] == ETH_P_8021Q else 14
+    ip_min = IPV4_HLEN if kind == GSO_TCPV4 else IPV6_HLEN
+    if l4 - l3 < ip_min or l4 + TCP_HLEN > len(frame):
+        raise OffloadError("truncated TCP super-frame")
     tcp_len = (frame[l4 + 12] >> 4) * 4
     data_at = l4 + tcp_len
-    if data_at > len(frame) or l4 <= l3:
+    if tcp_len < TCP_HLEN or data_at > len(frame):
         raise OffloadError("truncated TCP super-frame")
     headers = frame[:data_at]
     payload = memoryview(frame)[data_at:]

@@ -43,6 +43,35 @@ def _explain(err, name):
     return "cannot create tap %s: %s" % (name, err.args[-1] if err.args else err)
 
 
+def check_cidr(cidr):
+    """`cidr` if it is ADDRESS/PREFIX (IPv4 or IPv6), else TapError: an address without its
+    prefix length would silently become a /32 or /128, a subnet of one."""
+    try:
+        address = ipaddress.ip_interface(cidr)
+    except ValueError:
+        raise TapError("invalid address %r: give it as ADDRESS/PREFIX, e.g. 10.0.0.1/24" % cidr) from None
+    if "/" not in cidr:
+        raise TapError("address %s has no prefix length: give it as ADDRESS/PREFIX, e.g. %s/%d"
+                       % (cidr, cidr, 24 if address.version == 4 else 64))
+    return cidr
+
+
+def check_bridge(bridge):
+    """TapError unless `bridge` is an existing Linux bridge."""
+    if not os.path.isdir(os.path.join("/sys/class/net", bridge, "bridge")):
+        raise TapError("%s is not an existing bridge (create it with: ip link add %s type bridge; "
+                       "ip link set %s up)" % (bridge, bridge, bridge))
+
+
+def interface_is_up(name):
+    """True if the interface is administratively up (IFF_UP in its flags)."""
+    try:
+        with open(os.path.join("/sys/class/net", name, "flags")) as handle:
+            return bool(int(handle.read(), 16) & 0x1)
+    except (OSError, ValueError):
+        return False
+
+
 class Tap:
     """A non-persistent tap (IFF_TAP | IFF_NO_PI), up, with its MTU set.
 
@@ -86,17 +115,11 @@ class Tap:
 
     def add_address(self, cidr):
         """Put an IPv4 or IPv6 address (with prefix length) on the tap, with iproute2."""
-        try:
-            ipaddress.ip_interface(cidr)
-        except ValueError:
-            raise TapError("invalid address %r: give it as ADDRESS/PREFIX, e.g. 10.0.0.1/24" % cidr) from None
-        self._ip("addr", "add", cidr, "dev", self.name)
+        self._ip("addr", "add", check_cidr(cidr), "dev", self.name)
 
     def join_bridge(self, bridge):
         """Make the tap a port of an existing Linux bridge (etherws' br0 setup)."""
-        if not os.path.isdir(os.path.join("/sys/class/net", bridge, "bridge")):
-            raise TapError("%s is not an existing bridge (create it with: ip link add %s type bridge)"
-                           % (bridge, bridge))
+        check_bridge(bridge)
         self._ip("link", "set", "dev", self.name, "master", bridge)
 
     def _ip(self, *args):

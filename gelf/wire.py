@@ -61,6 +61,11 @@ def max_frame(mtu: int, flags: int = 0) -> int:
     return limit
 
 
+def min_frame(flags: int = 0) -> int:
+    """Shortest frame a receiver accepts: an Ethernet header, behind its virtio header with OFFLOAD."""
+    return ETH_HEADER + (VNET_HDR if flags & FLAG_OFFLOAD else 0)
+
+
 def max_message(mtu: int, flags: int = FLAG_OFFLOAD) -> int:
     """Largest message a receiver accepts (see docs/design.md). Without `flags`, the largest
     of any kind: the cap a socket enforces before it knows what the message is."""
@@ -130,8 +135,8 @@ def parse_header(data) -> Message:
     return Message(version, type_, flags, origin, seq, [])
 
 
-def split_frames(body, frame_limit: int) -> List[bytes]:
-    """The frames of a DATA body, each checked against [14, frame_limit] bytes."""
+def split_frames(body, frame_limit: int, frame_min: int = ETH_HEADER) -> List[bytes]:
+    """The frames of a DATA body, each checked against [frame_min, frame_limit] bytes."""
     frames = []
     view = memoryview(body)
     pos, end = 0, len(view)
@@ -144,7 +149,7 @@ def split_frames(body, frame_limit: int) -> List[bytes]:
         pos += RECORD.size
         if length > frame_limit:
             raise WireError("oversize", "frame of %d bytes" % length)
-        if length < ETH_HEADER:
+        if length < frame_min:
             raise WireError("malformed", "runt frame of %d bytes" % length)
         if pos + length > end:
             raise WireError("malformed", "record runs past the end of the message")
@@ -170,4 +175,4 @@ def decode(data, mtu: int = 1500, sealer: Sealer = None) -> Message:
     if sealer is None and sealed:
         raise WireError("no_key", "encrypted message, this server has no key")
     body = sealer.open(data) if sealed else memoryview(data)[HEADER_SIZE:]
-    return msg._replace(frames=split_frames(body, max_frame(mtu, msg.flags)))
+    return msg._replace(frames=split_frames(body, max_frame(mtu, msg.flags), min_frame(msg.flags)))
