@@ -15,7 +15,7 @@ import threading
 import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, guard, keys, loop, pcap, server, wire
+from gelf import __version__, gate, guard, keys, loop, pcap, server, wire
 from gelf.client import DialLink, dial_context, normalize_url
 from gelf.links import LinkSet
 from gelf.logs import setup_logging
@@ -57,6 +57,7 @@ _port = _in_range("port", int, 1, 65535)
 _mtu = _in_range("MTU", int, MIN_MTU, MAX_MTU)
 _megabytes = _in_range("size in MB", float, 0.01, 1 << 20)
 _seconds = _in_range("number of seconds", float, 0.1, 86400)
+_connections = _in_range("number of connections", int, 1, 1 << 20)
 
 
 def build_parser():
@@ -123,7 +124,20 @@ def build_parser():
     security.add_argument("--user", metavar="NAME",
                           help="drop root to this user once the tap exists and the port is bound")
     security.add_argument("--group", metavar="NAME", help="group for --user (default: the user's own group)")
-    limits = parser.add_argument_group("limits")
+    limits = parser.add_argument_group(
+        "limits", "what clients may hold, and for how long, so that no address can lock the others out "
+        "(see README: Limits)")
+    limits.add_argument("--max-connections", metavar="N", type=_connections,
+                        help="connections held at once by all clients together: requests, keep-alive "
+                        "connections and WebSockets; over it a new connection gets 503 Service Unavailable "
+                        "at once (default: %d, fewer if the open-files limit is lower)"
+                        % gate.DEFAULT_MAX_CONNECTIONS)
+    limits.add_argument("--max-per-address", metavar="N", type=_connections, default=gate.DEFAULT_MAX_PER_ADDRESS,
+                        help="connections held at once by one client address (an IPv6 /64 counts as one "
+                        "address); over it, 503 at once. A page with its links needs a few (default: %(default)s)")
+    limits.add_argument("--header-timeout", metavar="SECONDS", type=_seconds, default=gate.DEFAULT_HEADER_TIMEOUT,
+                        help="a request's headers must arrive within this time of their first byte, else "
+                        "408 Request Timeout and the connection is closed (default: %(default)g)")
     limits.add_argument("--keepalive", metavar="SECONDS", type=_seconds, default=loop.KEEPALIVE,
                         help="send a WebSocket ping on a link that was silent this long, and close it "
                         "when nothing comes back for as long again: a peer that vanished without "
@@ -259,7 +273,23 @@ def open_capture(args):
     return capture
 
 
+def load_limits(args):
+    """The connection limits, after making room for them in the open-files limit."""
+    files = gate.raise_open_files_limit()
+    room = files - gate.RESERVED_FILES
+    if room < 1:
+        raise UserError("this process may only open %d files, too few to serve anyone: raise the limit "
+                        "(ulimit -n, LimitNOFILE= in the unit)" % files)
+    wanted = args.max_connections or min(gate.DEFAULT_MAX_CONNECTIONS, room)
+    if wanted > room:
+        raise UserError("--max-connections %d needs more open files than this process may have (%d): "
+                        "give at most %d, or raise the limit (ulimit -n, LimitNOFILE= in the unit)"
+                        % (wanted, files, max(room, 0)))
+    return gate.Limits(wanted, args.max_per_address, args.header_timeout)
+
+
 def run(args):
+    limits = load_limits(args)
     sealer = wire.Sealer(key) if (key := load_key(args)) else None
     token = load_token(args)
     tls = load_tls(args)
@@ -291,7 +321,7 @@ def run(args):
         if args.bridge:
             tap.join_bridge(args.bridge)
         server.mount(engine, args.host, args.port, tap, pump, links, drops, manager,
-                     debug=args.debug, token=token, tls=tls, policy=policy)
+                     debug=args.debug, token=token, tls=tls, policy=policy, limits=limits)
         if ids:
             DropPrivileges(engine, uid=ids[0], gid=ids[1]).subscribe()
         engine.signal_handler.handlers = {"SIGTERM": engine.exit, "SIGINT": engine.exit}

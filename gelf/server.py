@@ -5,6 +5,7 @@ to WebSocketLinks, gelf's link loop (loop.py), as a SocketLink (links.py) whose 
 messages go to Pump.deliver.
 """
 
+import functools
 import logging
 import socket
 import string
@@ -15,7 +16,7 @@ from pathlib import Path
 import cherrypy
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 
-from gelf import __version__, fastws, guard, handshake, metrics
+from gelf import __version__, fastws, gate, guard, handshake, metrics
 from gelf.links import Link
 from gelf.logs import Redact
 from gelf.loop import LinkLoop
@@ -46,10 +47,11 @@ class SocketLink(Link):
     """A peer that connected to our /ws: a browser page, a headless relay or a gelf server that
     dialed us (these two say so in their User-Agent, see client.py)."""
 
-    def __init__(self, peer, kind, links, drops, deliver):
+    def __init__(self, peer, kind, links, drops, deliver, release=None):  # gate: release
         super().__init__(peer, drops, deliver)
         self.kind = kind
         self.links = links
+        self.release = release  # gate: gives the connection's admission slot back
 
     def opened(self):
         self.links.add(self)
@@ -57,6 +59,8 @@ class SocketLink(Link):
 
     def ended(self, code, why):
         super().ended(code, why)
+        if self.release is not None:  # gate
+            self.release()
         self.links.remove(self)
         log.info("link %d closed: %s (%s%s)", self.id, self.peer, int(code), ": %s" % why if why else "")
 
@@ -64,6 +68,8 @@ class SocketLink(Link):
 class WebSocketLinks(LinkLoop):
     """The manager ws4py's WebSocketPlugin drives (start, add, close_all, stop, join): gelf's link
     loop, which also carries the links this server dials (client.py)."""
+
+    admission = None  # gate: the gate.Admission whose slots upgraded connections hold; set by mount()
 
     def __init__(self, links, drops, deliver, max_message, **timeouts):
         super().__init__(**timeouts)
@@ -84,7 +90,8 @@ class WebSocketLinks(LinkLoop):
             upgrade.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # not TCP (tests may use socketpairs); nothing to tune
-        link = SocketLink(peer, kind, self.links, self.drops, self.deliver)
+        release = self.admission and functools.partial(self.admission.release, upgrade.sock)  # gate
+        link = SocketLink(peer, kind, self.links, self.drops, self.deliver, release)  # gate: release
         self.attach(link, upgrade.sock, fastws.Connection(client=False, max_message=self.max_message))
 
 
@@ -163,12 +170,15 @@ class Root:
 
 
 def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, token=None, tls=None,
-          policy=None):
+          policy=None, limits=None):
     """Configure CherryPy to serve gelf on host:port; the caller starts the engine.
 
     `manager` (WebSocketLinks) takes every upgraded /ws connection; `tls` is (certificate
-    file, private key file) to serve https and wss; `policy` says which pages may use it.
+    file, private key file) to serve https and wss; `policy` says which pages may use it;
+    `limits` (gate.Limits) what clients may hold.
     """
+    limits = limits or gate.Limits()  # gate
+    manager.admission = gate.Admission(limits.max_connections, limits.max_per_address)  # gate
     plugin = WebSocketPlugin(engine)
     plugin.manager = manager
     plugin.subscribe()
@@ -190,6 +200,7 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
             "server.ssl_private_key": tls[1],
         })
     cherrypy.config.update(settings)
+    cherrypy.server.httpserver = gate.GateServer(cherrypy.server, manager.admission, limits.header_timeout)  # gate
     root = {"tools.encode.on": True}
     guard.install(root, token, policy or guard.OriginPolicy(), drops, __version__)
     config = {
