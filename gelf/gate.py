@@ -39,7 +39,6 @@ from cherrypy._cpwsgi_server import CPWSGIServer
 from gelf import httphead
 from gelf.admission import Admission, Turns, address_key
 from gelf.handoff import GateConnection, gate_makefile
-from gelf.throttle import Throttle
 
 log = logging.getLogger("gelf.gate")
 
@@ -124,7 +123,6 @@ class Gate:
         self.turns = Turns(server.requests.min, WORKERS_PER_ADDRESS)  # entries with a complete head
         self.lingering = 0
         self.accept_paused = False
-        self.throttle = Throttle(log)
         self._stopping = self._closed = False
         self._serving = False
 
@@ -203,7 +201,7 @@ class Gate:
         try:
             step(entry, *args)
         except Exception as err:
-            self.throttle.note("bug", logging.ERROR, "gate: %r on a connection from %s", err, entry.key)
+            log.log(logging.ERROR, "gate: %r on a connection from %s", err, entry.key)
             if entry.state != WORKING:
                 self._discard(entry)
 
@@ -240,12 +238,11 @@ class Gate:
             if entry.state in (WAITING, WORKING) or entry.deadline is None or now < entry.deadline:
                 continue
             if entry.state == READING and entry.buf:
-                self.throttle.note("408", logging.INFO, "408: request heads slower than --header-timeout %g s, "
+                log.log(logging.INFO, "408: request heads slower than --header-timeout %g s, "
                                    "e.g. from %s", self.header_timeout, entry.key)
                 self._answer(entry, 408, "The request head took longer than %g seconds." % self.header_timeout)
             else:
                 self._discard(entry)  # idle, a TLS handshake that never finished, or done lingering
-        self.throttle.flush()
 
     # ------------------------------------------------------------ accept and admit
 
@@ -257,7 +254,7 @@ class Gate:
                 return
             except OSError as err:
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.throttle.note("files", logging.ERROR, "cannot accept connections: %s; lower "
+                    log.log(logging.ERROR, "cannot accept connections: %s; lower "
                                        "--max-connections or raise the open-files limit", err.strerror)
                     self.selector.unregister(self.listener)  # until the next sweep
                     self.accept_paused = True
@@ -272,7 +269,7 @@ class Gate:
         refused = self.admission.admit(sock, entry.key)
         if refused:
             limit, text = refused
-            self.throttle.note(limit, logging.WARNING, "refusing connections over %s, e.g. from %s", limit, entry.key)
+            log.log(logging.WARNING, "refusing connections over %s, e.g. from %s", limit, entry.key)
             if self.context:
                 sock.close()
             else:
@@ -314,7 +311,7 @@ class Gate:
             entry.state = HANDSHAKE
             self._handshake(entry)
         elif first.isalpha():
-            self.throttle.note("plain", logging.INFO, "plain HTTP sent to the TLS port, e.g. from %s", entry.key)
+            log.log(logging.INFO, "plain HTTP sent to the TLS port, e.g. from %s", entry.key)
             self._answer(entry, 400, httphead.PLAIN_HTTP_ON_TLS)
         else:
             self._discard(entry)
@@ -329,7 +326,7 @@ class Gate:
             self._watch(entry, _WRITE)
             return
         except OSError as err:
-            self.throttle.note("tls", logging.INFO, "TLS handshakes failed, e.g. from %s: %s",
+            log.log(logging.INFO, "TLS handshakes failed, e.g. from %s: %s",
                                entry.key, getattr(err, "reason", None) or err)
             self._discard(entry)
             return
@@ -367,13 +364,13 @@ class Gate:
         """Act on a complete or oversized head; True if the entry is done reading."""
         refused = entry.scanned == 0 and httphead.refusal_of_start(entry.buf)
         if refused:
-            self.throttle.note("start", logging.INFO, "400: not HTTP, e.g. from %s: %s", entry.key, refused[1])
+            log.log(logging.INFO, "400: not HTTP, e.g. from %s: %s", entry.key, refused[1])
             self._answer(entry, *refused)
             return True
         end = httphead.head_end(entry.buf, entry.scanned)
         entry.scanned = len(entry.buf)
         if end > httphead.MAX_HEAD or (end < 0 and len(entry.buf) > httphead.MAX_HEAD):
-            self.throttle.note("431", logging.INFO, "431: request heads over %d bytes, e.g. from %s",
+            log.log(logging.INFO, "431: request heads over %d bytes, e.g. from %s",
                                httphead.MAX_HEAD, entry.key)
             self._answer(entry, 431, "The request head is larger than %d bytes." % httphead.MAX_HEAD)
             return True
@@ -381,7 +378,7 @@ class Gate:
             return False
         refused = httphead.refusal(entry.buf[:end])
         if refused:
-            self.throttle.note("body", logging.INFO, "%d: requests with a body, e.g. from %s", refused[0], entry.key)
+            log.log(logging.INFO, "%d: requests with a body, e.g. from %s", refused[0], entry.key)
             self._answer(entry, *refused)
             return True
         self._unwatch(entry)

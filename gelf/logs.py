@@ -5,7 +5,8 @@
   after that it is held back until the window ends, and the next one that passes says how many
   were held. So a fault repeating thousands of times a second (a vanished tap, a hostile peer)
   costs a few lines per window, and no warning is ever used up for good: the next window
-  shows it again.
+  shows it again. The front door (gelf.gate), whose every line a client can cause at will
+  (refusals, timeouts), gets one line per template and window.
 """
 
 import logging
@@ -14,6 +15,7 @@ import sys
 import time
 
 BURST = 20
+BURSTS = {"gelf.gate": 1}  # loggers with a burst of their own
 WINDOW = 10.0  # seconds
 MAX_TEMPLATES = 1024
 
@@ -37,9 +39,10 @@ class Redact(logging.Filter):
 class RateLimit(logging.Filter):
     """At most BURST records per template per WINDOW seconds; counts what it holds back."""
 
-    def __init__(self, burst=BURST, window=WINDOW, clock=time.monotonic):
+    def __init__(self, burst=BURST, window=WINDOW, clock=time.monotonic, bursts=None):
         super().__init__()
         self.burst = burst
+        self.bursts = BURSTS if bursts is None else bursts
         self.window = window
         self.clock = clock
         self._windows = {}  # (logger, template) -> [window start, records let through, held back]
@@ -56,7 +59,7 @@ class RateLimit(logging.Filter):
             if held:
                 record.msg, record.args = "%s (%d more like this held back)", (record.getMessage(), held)
             return True
-        if state[1] < self.burst:
+        if state[1] < self.bursts.get(record.name, self.burst):
             state[1] += 1
             return True
         state[2] += 1

@@ -1,7 +1,7 @@
 """The gate (gelf/gate.py, admission.py, httphead.py): idle and slow clients cost no worker.
 
 The first part needs no root: request heads as bytes, the admission counts, the reader that
-hands pre-read bytes to cheroot, the throttled log. The rest starts real gelf servers on
+hands pre-read bytes to cheroot. The rest starts real gelf servers on
 127.0.0.1 and attacks them from 127.0.0.2 (loopback only): 1 000 idle connections, 12 or 200
 slowloris clients, silent TLS clients, while 127.0.0.1 asks for the page, /stats and a /ws
 upgrade. Waits are generous (15 s): these tests check behaviour, not speed; bench/slowloris.py
@@ -10,7 +10,6 @@ measures the times.
 
 import gc
 import http.client
-import logging
 import os
 import re
 import resource
@@ -26,7 +25,7 @@ import time
 import pytest
 
 import helpers
-from gelf import gate, httphead, throttle
+from gelf import gate, httphead
 from gelf.admission import Admission, Turns, address_key
 from gelf.handoff import GateReader
 
@@ -216,23 +215,6 @@ def test_reader_serves_preread_bytes_first_and_gives_back_the_rest():
     finally:
         a.close()
         b.close()
-
-
-def test_throttle_says_one_line_per_kind_and_counts_the_rest(caplog, monkeypatch):
-    clock = [100.0]
-    monkeypatch.setattr(throttle.time, "monotonic", lambda: clock[0])
-    lines = throttle.Throttle(logging.getLogger("gelf.gate"), every=10)
-    with caplog.at_level(logging.INFO, logger="gelf.gate"):
-        for i in range(1000):
-            lines.note("--max-per-address", logging.WARNING, "refusing connections from %s", "127.0.0.%d" % (i % 7))
-        lines.note("408", logging.INFO, "408 from %s", "127.0.0.2")
-        lines.flush()
-        clock[0] += 10
-        lines.flush()
-        lines.flush()
-    lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 3, lines
-    assert lines[2].endswith("(999 more in the last 10 s)")
 
 
 # ---------------------------------------------------------------- attackers (127.0.0.2)
