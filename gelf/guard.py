@@ -19,6 +19,8 @@ import urllib.parse
 import cherrypy
 from cherrypy.lib import httputil
 
+from gelf.httphead import GELF_HEADER
+
 # Sent with every response: no page of ours in a frame, no type sniffing, no Referer with a token.
 SECURITY_HEADERS = [
     ("X-Frame-Options", "DENY"),
@@ -26,11 +28,6 @@ SECURITY_HEADERS = [
     ("X-Content-Type-Options", "nosniff"),
     ("Referrer-Policy", "no-referrer"),
 ]
-# Says "this is gelf" to a relaying page, so that it can tell gelf's refusals (a token, an
-# origin, TLS) from some other web server at the address it was given.
-GELF_HEADER = "X-Gelf"
-
-
 def identity_headers(version):
     return [(GELF_HEADER, version), ("Access-Control-Expose-Headers", GELF_HEADER)]
 

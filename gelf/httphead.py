@@ -7,6 +7,12 @@ follow. Everything else about the request (its line, its headers, the 400s for m
 stays cheroot's job: the worker parses the same bytes again.
 """
 
+from gelf import __version__
+
+GELF_HEADER = "X-Gelf"
+"""Says "this is gelf" on every response, so that a relaying page can tell gelf's refusals (a
+token, an origin, TLS, a limit) from some other web server at the address it was given."""
+
 MAX_HEAD = 16 * 1024
 """Largest request head the gate reads (request line and headers): Node.js's default
 (--max-http-header-size). gelf's longest URL, a page with a few peers and tokens, is under 1 KiB;
@@ -79,7 +85,10 @@ def refusal(head):
 
 
 def response(status, text):
-    """A complete HTTP/1.1 response that closes the connection: status line, a plain-text reason."""
+    """A complete HTTP/1.1 response that closes the connection: status line, a plain-text reason,
+    readable by any page (the reason names no secret) and saying it comes from gelf."""
     body = (text + "\n").encode("utf-8")
     return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n%s" % (status, REASONS[status].encode(), len(body), body))
+            b"%s: %s\r\nAccess-Control-Expose-Headers: %s\r\nAccess-Control-Allow-Origin: *\r\n"
+            b"Connection: close\r\n\r\n%s" % (status, REASONS[status].encode(), len(body), GELF_HEADER.encode(),
+                                               __version__.encode(), GELF_HEADER.encode(), body))
