@@ -1,6 +1,5 @@
 """Command line: parse, check what the user can get wrong, then run the server until a signal."""
 
-import argparse
 import errno
 import grp
 import ipaddress
@@ -15,20 +14,17 @@ import threading
 import cherrypy
 from cherrypy.process.plugins import DropPrivileges
 
-from gelf import __version__, gate, guard, keys, loop, pcap, server, wire
+from gelf import __version__, gate, guard, keys, loop, options, pcap, server, wire
 from gelf.client import DialLink, dial_context, normalize_url
 from gelf.links import LinkSet
 from gelf.logs import setup_logging
 from gelf.pump import Pump
 from gelf.stats import Drops
 from gelf.switch import MacTable
-from gelf.tap import MAX_MTU, MIN_MTU, Tap, TapError
+from gelf.options import UserError
+from gelf.tap import MAX_MTU, MIN_MTU, Tap, TapError, check_bridge, interface_is_up
 
 log = logging.getLogger("gelf")
-
-
-class UserError(Exception):
-    """A mistake in how gelf was started: one line to the user, exit status 1."""
 
 
 class TapLost(Exception):
@@ -36,39 +32,18 @@ class TapLost(Exception):
 
 
 EXIT_TAP_LOST = 3
-
-
-def _in_range(name, convert, low, high):
-    """An argparse type: `convert(text)`, which must lie in [low, high]; a usage error otherwise."""
-
-    def parse(text):
-        try:
-            value = convert(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%r is not a valid %s" % (text, name)) from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError("%s %s is out of range (%s..%s)" % (name, text, low, high))
-        return value
-
-    return parse
-
-
-_port = _in_range("port", int, 1, 65535)
-_mtu = _in_range("MTU", int, MIN_MTU, MAX_MTU)
-_megabytes = _in_range("size in MB", float, 0.01, 1 << 20)
-_seconds = _in_range("number of seconds", float, 0.1, 86400)
-_connections = _in_range("number of connections", int, 1, 1 << 20)
+_mtu = options.in_range("MTU", int, MIN_MTU, MAX_MTU)
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = options.Parser(
         prog="gelf",
         description="Ethernet over WebSockets: create a tap device and serve the relay page. "
         "Open http://HOST:PORT/ in a browser that can reach several gelf servers and add "
         "them: their taps become one Ethernet segment. 'gelf relay URL URL ...' relays "
         "without a browser (see 'gelf relay --help').",
     )
-    parser.add_argument("port", type=_port, help="TCP port for the relay page and the /ws WebSocket")
+    parser.add_argument("port", type=options.port, help="TCP port for the relay page and the /ws WebSocket")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default: %(default)s; 0.0.0.0 or :: for all)")
     parser.add_argument("--dev", metavar="NAME",
@@ -79,7 +54,7 @@ def build_parser():
                         help="open the tap without GSO/TSO offloads: every frame at most MTU+18 bytes "
                         "(by default TCP super-frames of up to 64 KiB travel whole; peers without "
                         "offloads get them split)")
-    parser.add_argument("--address", metavar="CIDR", action="append", default=[],
+    parser.add_argument("--address", metavar="CIDR", action="append", default=[], type=options.cidr,
                         help="put this IPv4 or IPv6 address on the tap, e.g. 10.10.10.1/24 (repeatable)")
     parser.add_argument("--bridge", metavar="BR", help="add the tap to this existing Linux bridge")
     parser.add_argument("--learn", action="store_true",
@@ -89,7 +64,7 @@ def build_parser():
     capture.add_argument("--pcap", metavar="FILE",
                          help="write every frame read from or written to the tap to FILE, a pcap file "
                          "for tcpdump -r or Wireshark")
-    capture.add_argument("--pcap-size", metavar="MB", type=_megabytes, default=100,
+    capture.add_argument("--pcap-size", metavar="MB", type=options.megabytes, default=100,
                          help="when the --pcap file reaches this size it becomes FILE.1 (replacing the "
                          "previous one) and a new FILE starts: at most twice this on disk "
                          "(default: %(default)s)")
@@ -111,7 +86,8 @@ def build_parser():
     security.add_argument("--key-file", metavar="PATH",
                           help="read the key (hex) from PATH, which must not be readable by group or others")
     security.add_argument("--token", metavar="SECRET",
-                          help="require ?token=SECRET on the page and on /ws (403 otherwise)")
+                          help="require ?token=SECRET on everything this server serves but its static "
+                          "files: the page, /stats, /metrics and /ws (403 otherwise)")
     security.add_argument("--token-file", metavar="PATH",
                           help="read the token from PATH (mode 0600), so it stays out of ps")
     security.add_argument("--ssl-cert", metavar="FILE", help="serve https and wss with this certificate (PEM)")
@@ -127,22 +103,22 @@ def build_parser():
     limits = parser.add_argument_group(
         "limits", "what clients may hold, and for how long, so that no address can lock the others out "
         "(see README: Limits)")
-    limits.add_argument("--max-connections", metavar="N", type=_connections,
+    limits.add_argument("--max-connections", metavar="N", type=options.connections,
                         help="connections held at once by all clients together: requests, keep-alive "
                         "connections and WebSockets; over it a new connection gets 503 Service Unavailable "
                         "at once (default: %d, fewer if the open-files limit is lower)"
                         % gate.DEFAULT_MAX_CONNECTIONS)
-    limits.add_argument("--max-per-address", metavar="N", type=_connections, default=gate.DEFAULT_MAX_PER_ADDRESS,
+    limits.add_argument("--max-per-address", metavar="N", type=options.connections, default=gate.DEFAULT_MAX_PER_ADDRESS,
                         help="connections held at once by one client address (an IPv6 /64 counts as one "
                         "address); over it, 503 at once. A page with its links needs a few (default: %(default)s)")
-    limits.add_argument("--header-timeout", metavar="SECONDS", type=_seconds, default=gate.DEFAULT_HEADER_TIMEOUT,
+    limits.add_argument("--header-timeout", metavar="SECONDS", type=options.seconds, default=gate.DEFAULT_HEADER_TIMEOUT,
                         help="a request's headers must arrive within this time of their first byte, else "
                         "408 Request Timeout and the connection is closed (default: %(default)g)")
-    limits.add_argument("--keepalive", metavar="SECONDS", type=_seconds, default=loop.KEEPALIVE,
+    limits.add_argument("--keepalive", metavar="SECONDS", type=options.seconds, default=loop.KEEPALIVE,
                         help="send a WebSocket ping on a link that was silent this long, and close it "
                         "when nothing comes back for as long again: a peer that vanished without "
                         "closing (a half-open connection) is gone within twice this (default: %(default)g)")
-    limits.add_argument("--stall-timeout", metavar="SECONDS", type=_seconds, default=loop.STALL,
+    limits.add_argument("--stall-timeout", metavar="SECONDS", type=options.seconds, default=loop.STALL,
                         help="close a link whose peer takes none of the frames waiting for it for this "
                         "long; until then only that link drops frames (default: %(default)g)")
     parser.add_argument("-d", "--debug", action="store_true",
@@ -296,6 +272,8 @@ def run(args):
     ids = lookup_ids(args)
     context = load_dial_context(args)
     policy = load_policy(args)
+    if args.bridge:
+        check_bridge(args.bridge)
     check_port(args.host, args.port)
     capture = open_capture(args)
     tap = Tap(args.dev, args.mtu, offload=args.offload)
@@ -320,6 +298,9 @@ def run(args):
             tap.add_address(cidr)
         if args.bridge:
             tap.join_bridge(args.bridge)
+            if not interface_is_up(args.bridge):
+                log.warning("warning: bridge %s is down: nothing passes through it until "
+                            "'ip link set %s up'", args.bridge, args.bridge)
         server.mount(engine, args.host, args.port, tap, pump, links, drops, manager,
                      debug=args.debug, token=token, tls=tls, policy=policy, limits=limits)
         if ids:

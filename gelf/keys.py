@@ -34,11 +34,12 @@ def read_secret_file(path, what):
         fd = os.open(path, os.O_RDONLY)
     except OSError as err:
         raise SecretError("cannot read %s file %s: %s" % (what, path, err.strerror)) from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise SecretError("%s file %s is not a file (a directory?): give the file that holds the %s"
+                          % (what, path, what))
     with os.fdopen(fd) as handle:
-        mode = os.fstat(handle.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise SecretError("%s file %s is not a file (a directory?): give the file that holds the %s"
-                              % (what, path, what))
         if mode & (stat.S_IRWXG | stat.S_IRWXO):
             raise SecretError("%s file %s is accessible by group or others (mode %04o): chmod 600 it"
                               % (what, path, stat.S_IMODE(mode)))

@@ -6,7 +6,6 @@ direct links and other relays in any topology without storms. It needs no tap an
 and never sees a key: it moves sealed messages it cannot read.
 """
 
-import argparse
 import logging
 import signal
 import sys
@@ -16,6 +15,7 @@ from gelf import __version__, wire
 from gelf.client import DialLink, dial_context, normalize_url
 from gelf.links import LinkSet
 from gelf.logs import setup_logging
+from gelf.options import Parser
 from gelf.loop import LinkLoop
 from gelf.seen import SeenFilter
 from gelf.stats import Drops
@@ -59,7 +59,7 @@ class Relay:
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gelf relay",
         description="Relay gelf servers without a browser: every message from one server goes to "
         "all the others, as the relay page does.")

@@ -25,11 +25,12 @@ def test_all_flags():
 
 @pytest.mark.parametrize("argv", [["0"], ["70000"], ["http"], ["--mtu", "0", "7001"],
                                   ["--mtu", "70000", "7001"], ["--mtu", "abc", "7001"], []])
-def test_bad_arguments_are_usage_errors(argv, capsys):
+def test_bad_arguments_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         parse(*argv)
-    assert exit_.value.code == 2
-    assert "Traceback" not in capsys.readouterr().err
+    assert exit_.value.code == 1  # README: "Exit status"
+    err = capsys.readouterr().err
+    assert err.startswith("gelf: error: ") and err.count("\n") == 1 and "usage:" not in err, err
 
 
 @pytest.mark.parametrize("name", ["", "x" * 16, "a/b", "tap 0", "tap%d"])
