@@ -34,7 +34,7 @@ venv: $(VENV)/.installed
 
 # A venv left half-made (python3 -m venv fails without python3-venv, and leaves .venv/bin/python
 # without pip behind) is made again instead of failing forever.
-$(VENV)/.installed: setup.py
+$(VENV)/.installed: setup.py pyproject.toml
 	@if [ -e $(VENV) ] && ! $(VPY) -m pip --version >/dev/null 2>&1; then \
 		echo "venv: $(VENV) is half-made (was python3-venv missing?): making it again"; rm -rf $(VENV); \
 	fi
