@@ -147,16 +147,24 @@ class Link:
             return sock
 
     def send_control(self, data, closing=False):
-        """Queue frames the protocol produced (pong, Close) behind the data already queued."""
+        """Queue frames the protocol produced (pong, ping, Close) behind the data already queued.
+        A pong that finds the queue full is dropped (RFC 6455 5.5.3 lets a pong answer only the
+        latest ping), so a peer sending pings it never reads the answers to grows nothing."""
         with self._lock:
             if self.ws is None or self._closing:
                 return
             if closing:
                 self._closing = True
-            if self._head is None and not self._queue and not self.tls:
-                self._send_now(data)
-            else:
-                self._queue.append(_Framed(data))
+            elif len(self._queue) >= QUEUE_MESSAGES:
+                self.drops.add("queue_full")
+                return
+            if self._head is None and not self._queue:
+                self.progress = time.monotonic()  # from now on, something waits for the peer
+                if not self.tls:
+                    self._send_now(data)
+                    self._want_write()
+                    return
+            self._queue.append(_Framed(data))
             self._want_write()
 
     def close(self, code, reason, timeout):

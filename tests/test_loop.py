@@ -278,3 +278,12 @@ def test_half_a_tls_record_holds_up_no_other_link(loop, certificate):
     reader = Connection(client=True, max_message=100)
     assert reader.receive_data(tls_client.recv(4096)) == [(Event.BINARY, b"to the tls peer")]
     assert not slow.done.is_set()
+
+
+def test_pings_whose_pongs_are_never_read_grow_nothing(loop):
+    link, peer, _ = attach(loop())
+    ping = peer.ws.send_ping(b"p" * 125)
+    for _ in range(20):  # 20 000 pings: 2.5 MB of pongs, far more than the socket buffers
+        peer.send(bytes(ping) * 1000)
+    wait(lambda: link.drops.snapshot()["queue_full"] > 0, "pongs to be dropped once the queue is full")
+    assert len(link._queue) <= QUEUE_MESSAGES and not link.done.is_set()
