@@ -64,7 +64,7 @@ class Link:
         self.loop = None  # the LinkLoop that owns the socket while connected
         self._lock = threading.Lock()
         self._queue = collections.deque()
-        self._queued = 0  # bytes in _queue
+        self._queued = 0  # bytes in _queue (messages and control frames)
         self._head = None  # memoryview: framed bytes being written
         self._closing = False  # our Close is queued: no more data
         self._writing = False  # the loop watches the socket for writability
@@ -155,7 +155,7 @@ class Link:
                 return
             if closing:
                 self._closing = True
-            elif len(self._queue) >= QUEUE_MESSAGES:
+            elif len(self._queue) >= QUEUE_MESSAGES or self._queued >= QUEUE_BYTES:
                 self.drops.add("queue_full")
                 return
             if self._head is None and not self._queue:
@@ -165,6 +165,7 @@ class Link:
                     self._want_write()
                     return
             self._queue.append(_Framed(data))
+            self._queued += len(data)
             self._want_write()
 
     def close(self, code, reason, timeout):
@@ -202,10 +203,10 @@ class Link:
         queue = self._queue
         while queue and size < WRITE_BATCH:
             item = queue.popleft()
+            self._queued -= len(item)
             if isinstance(item, _Framed):
                 parts.append(item)
             else:
-                self._queued -= len(item)
                 self.tx.add(len(item))
                 parts.append(ws.send_binary(item))
             size += len(parts[-1])

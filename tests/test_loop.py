@@ -15,7 +15,7 @@ import time
 import pytest
 
 from gelf.fastws import CloseCode, Connection, Event
-from gelf.links import QUEUE_MESSAGES, Link
+from gelf.links import QUEUE_BYTES, QUEUE_MESSAGES, Link
 from gelf.loop import LinkLoop
 from gelf.stats import Drops
 
@@ -283,7 +283,8 @@ def test_half_a_tls_record_holds_up_no_other_link(loop, certificate):
 def test_pings_whose_pongs_are_never_read_grow_nothing(loop):
     link, peer, _ = attach(loop())
     ping = peer.ws.send_ping(b"p" * 125)
-    for _ in range(20):  # 20 000 pings: 2.5 MB of pongs, far more than the socket buffers
+    for _ in range(80):  # 80 000 pings: 10 MB of pongs, more than the socket buffers and the queue
         peer.send(bytes(ping) * 1000)
     wait(lambda: link.drops.snapshot()["queue_full"] > 0, "pongs to be dropped once the queue is full")
-    assert len(link._queue) <= QUEUE_MESSAGES and not link.done.is_set()
+    assert len(link._queue) <= QUEUE_MESSAGES and link._queued < QUEUE_BYTES + (1 << 20)
+    assert not link.done.is_set()
