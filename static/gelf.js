@@ -14,8 +14,6 @@
 
   const secure = location.protocol === "https:";
   const wsScheme = secure ? "wss:" : "ws:";
-  // The token the page itself was loaded with (?token=...), for our own server's /ws.
-  const ownToken = new URLSearchParams(location.search).get("token");
 
   // ---- duplicate suppression -------------------------------------------------------
 
@@ -116,7 +114,7 @@
   const HOST_PORT = /^(\[[0-9A-Fa-f:.]+(?:%25[\w.~-]+)?\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?):(\d{1,5})$/;
 
   // Hides access tokens in text shown to people: `token=...` in a query, `#...` after an
-  // address. The real URL stays in data-url and in gelfRelay.
+  // address. Links show their public URL (publicUrl) anyway; this is for what people typed.
   function mask(text) {
     return String(text).replace(/([?&]token=)[^&#]*/gi, "$1\u2026").replace(/#.+$/, "#\u2026");
   }
@@ -176,10 +174,70 @@
     return url.href;
   }
 
-  function ownUrl() {
-    const url = new URL(`${wsScheme}//${location.host}/ws`);
-    if (ownToken !== null) url.searchParams.set("token", ownToken);
-    return url.href;
+  // A normalized URL without its token: what a link is known by, and the only form of it that
+  // reaches the DOM, the address bar and the page's API.
+  function publicUrl(url) {
+    const u = new URL(url);
+    u.searchParams.delete("token");
+    return u.href;
+  }
+
+  function tokenOf(url) {
+    return new URL(url).searchParams.get("token");
+  }
+
+  function withToken(url, token) {
+    const u = new URL(url);
+    if (token !== null && token !== undefined) u.searchParams.set("token", token);
+    return u.href;
+  }
+
+  const ownPublicUrl = `${wsScheme}//${location.host}/ws`;
+
+  // ---- tokens: in memory and in this tab's sessionStorage, never in the address bar -------
+  //
+  // A token in the address bar ends up in the history, in bookmarks and on screen, and one in an
+  // attribute in anything that reads the DOM. So the page takes its own ?token= and the peers'
+  // host:port#token from the address it was opened with, removes them from the address bar
+  // (history.replaceState, before anything else runs), and keeps them in memory and in
+  // sessionStorage: that survives a reload of the tab, never leaves it (a new tab starts empty)
+  // and is gone when the tab closes. The address bar keeps the peer list, without tokens.
+
+  const TOKENS_KEY = "gelf.tokens";
+
+  function loadTokens() {
+    try {
+      const saved = JSON.parse(sessionStorage.getItem(TOKENS_KEY) || "{}");
+      return saved && typeof saved === "object" ? saved : {};
+    } catch {
+      return {};  // storage disabled or garbled: tokens then last until a reload
+    }
+  }
+
+  function saveTokens(tokens) {
+    try {
+      if (Object.keys(tokens).length) sessionStorage.setItem(TOKENS_KEY, JSON.stringify(tokens));
+      else sessionStorage.removeItem(TOKENS_KEY);
+    } catch { /* storage disabled or full: tokens last until a reload */ }
+  }
+
+  // What the page was opened with: its own token and the peers, as given. A peer written
+  // `?peer=host:port#token` without encoding the # leaves its token in the address's fragment:
+  // that is taken as the last peer's token, as the README's form (host:port#token) means.
+  function takeAddress() {
+    const params = new URLSearchParams(location.search);
+    const own = params.get("token");
+    const peers = params.getAll("peer");
+    const hash = location.hash.slice(1);
+    if (hash && peers.length && !peers[peers.length - 1].includes("#")) {
+      let token = hash;
+      try { token = decodeURIComponent(hash); } catch { /* keep it as written */ }
+      peers[peers.length - 1] += `#${token}`;
+    }
+    params.delete("token");
+    const qs = params.toString();
+    history.replaceState(history.state, "", location.pathname + (qs ? `?${qs}` : ""));
+    return { own, peers };
   }
 
   // ---- links -----------------------------------------------------------------------
@@ -208,44 +266,138 @@
     return u.href;
   }
 
-  function timedFetch(url, options) {
-    const ctl = new AbortController();
-    const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
-    return fetch(url, { cache: "no-store", credentials: "omit", ...options, signal: ctl.signal })
-      .finally(() => clearTimeout(timer));
+  // ---- why a link does not open ----------------------------------------------------
+  //
+  // A browser tells a page nothing about a failed WebSocket (every failure is close code 1006),
+  // so the page asks the address over http(s) what is there. Every gelf response, refusals
+  // included, says X-Gelf and is readable from any page; its 403s say whether the token or the
+  // page's origin was refused, and its TLS port answers a plain http request with a 400 that
+  // says "HTTPS". Anything else that answers is some other web server.
+
+  const GELF_HEADER = "X-Gelf";
+
+  // Hosts a browser treats as potentially trustworthy: an https page may still reach them
+  // over http and ws (mixed content rules spare them).
+  function isLoopback(hostname) {
+    const h = hostname.replace(/^\[|\]$/g, "").toLowerCase();
+    return h === "localhost" || h.endsWith(".localhost") || h === "::1" || /^127\.\d+\.\d+\.\d+$/.test(h);
   }
 
-  // Why a WebSocket could not open: the browser tells a page nothing (every failure is close
-  // code 1006), so ask the server's /stats. It is readable cross-origin when it answers 200; a
-  // 403 (missing or wrong token) carries no CORS header, so it reads as a failure too; an opaque
-  // (no-cors) request then tells "something answered" from "nothing answered".
-  async function probe(url) {
+  // A /stats answer without X-Gelf from a gelf server older than that header.
+  function looksLikeStats(text) {
     try {
-      const r = await timedFetch(url, {});
-      if (r.status === 403) return "refused";
-      return r.ok ? "ws-refused" : `http-${r.status}`;
-    } catch (err) {
-      if (err && err.name === "AbortError") return "unreachable";
-    }
-    try {
-      await timedFetch(url, { mode: "no-cors" });
-      return "refused";
+      const s = JSON.parse(text);
+      return !!s && typeof s.origin === "string" && !!s.tap && typeof s.tap === "object";
     } catch {
-      return "unreachable";
+      return false;
     }
+  }
+
+  // What answers a GET of `url`, as far as a page may know: {answer, status, text} where answer
+  // is "gelf" (a readable answer from gelf), "other" (a readable answer from some other server),
+  // "opaque" (something answered, but not readably: never gelf, whose answers all are), or "none"
+  // (no answer within FETCH_TIMEOUT_MS: nothing listens, a reset, a TLS failure such as an
+  // untrusted certificate, or a request the browser would not send).
+  async function look(url) {
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
+    const options = { cache: "no-store", credentials: "omit", signal: ctl.signal };
+    try {
+      const r = await fetch(url, options);
+      let gelf = r.headers.has(GELF_HEADER);
+      let text = "";
+      if (gelf && r.ok) r.body?.cancel().catch(() => {});  // its /stats: the header says enough
+      else text = (await r.text()).slice(0, 16384);
+      if (!gelf && r.ok) gelf = looksLikeStats(text);
+      return { answer: gelf ? "gelf" : "other", status: r.status, text };
+    } catch {
+      if (ctl.signal.aborted) return { answer: "none" };
+      try {
+        await fetch(url, { ...options, mode: "no-cors" });
+        return { answer: "opaque" };
+      } catch {
+        return { answer: "none" };
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  const SAYS_HTTPS = /https/i;  // gelf's TLS port to a plain request: "... only speaks HTTPS ..."
+
+  // Why the WebSocket to `wsUrl` (with its token, if any) did not open, as a problem kind (see
+  // problemText). First /stats on the link's own scheme, then, unless that settled it, on the
+  // other one (ws:// to a TLS server, wss:// to a plain one): that probe carries no token, so a
+  // token meant for TLS never crosses the network in clear.
+  async function diagnose(wsUrl) {
+    const url = new URL(wsUrl);
+    const tls = url.protocol === "wss:";
+    const other = new URL(publicUrl(wsUrl));
+    other.protocol = tls ? "ws:" : "wss:";
+    // An https page may not fetch plain http from anything but loopback (mixed content).
+    const otherAllowed = !(secure && tls && !isLoopback(url.hostname));
+
+    const here = await look(statsUrl(wsUrl));
+    if (here.answer === "gelf") {
+      const status = here.status;
+      if (status >= 200 && status < 300) return "ws-refused";
+      if (status === 403) {
+        if (/Pages from this origin|--allow-origin/.test(here.text)) return "origin";
+        if (/token/i.test(here.text)) return url.searchParams.has("token") ? "token-wrong" : "token-missing";
+        return "refused";
+      }
+      if (!tls && status === 400 && SAYS_HTTPS.test(here.text)) {
+        const there = await look(statsUrl(other.href));
+        return there.answer === "gelf" ? "use-wss" : "use-wss-cert";
+      }
+      return `http-${status}`;
+    }
+    if (here.answer === "other") return "not-gelf";
+    const there = otherAllowed ? await look(statsUrl(other.href)) : { answer: "none" };
+    if (there.answer === "gelf") {
+      if (!tls) return "use-wss";
+      // Over http it is gelf. A TLS server says so (its https failed on the certificate);
+      // otherwise it is a plain server.
+      return there.status === 400 && SAYS_HTTPS.test(there.text) ? "cert" : "use-ws";
+    }
+    if (here.answer === "opaque" || there.answer !== "none") return "not-gelf";
+    if (tls) return otherAllowed ? "unreachable-tls" : "unreachable-https-only";
+    return "unreachable";
   }
 
   function problemText(kind, link) {
-    const { host, hasToken } = link;
+    const host = link.host;
+    const path = new URL(link.url).pathname;
+    const origin = location.origin;
     switch (kind) {
       case "unreachable":
-        return `Unreachable: nothing answers at ${host}. Is gelf running there, and can this browser reach that port?`;
+        return `Unreachable: nothing answers at ${host}, over http or https. Is gelf running there, and can this browser reach that port?`;
+      case "unreachable-tls":
+        return `Unreachable: nothing answers at ${host}, over https or http. Is gelf running there, and can this browser reach that port? If its certificate is self-signed, open https://${host}/ once and accept it.`;
+      case "unreachable-https-only":
+        return `Unreachable: nothing answers at ${host} over https (an https page cannot try plain http there). Is gelf running there with --ssl-cert, and can this browser reach that port? If its certificate is self-signed, open https://${host}/ once and accept it.`;
+      case "not-gelf":
+        return `Something answers at ${host}, but it is not a gelf server. Check the address and the port.`;
+      case "token-missing":
+        return `Refused (403): the gelf server at ${host} needs a token. Add it as ${host}#token.`;
+      case "token-wrong":
+        return `Refused (403): the gelf server at ${host} does not accept this token. Add it again as ${host}#token with the right one.`;
+      case "origin":
+        return `Refused (403): the gelf server at ${host} does not accept pages from ${origin}. Start it with --allow-origin ${origin}, or open this page from a server it accepts.`;
       case "refused":
-        return hasToken
-          ? `Refused (403): ${host} does not accept this token.`
-          : `Refused (403): ${host} needs a token. Add it as ${host}#token.`;
+        return `Refused (403) by the gelf server at ${host}.`;
+      case "use-wss":
+        return `${host} speaks TLS: use wss://${host}${path}.`;
+      case "use-wss-cert":
+        return `${host} speaks TLS: use wss://${host}${path}. This browser does not trust its certificate yet: open https://${host}/ once and accept it.`;
+      case "cert":
+        return `${host} is a gelf server with TLS, but this browser does not trust its certificate: open https://${host}/ once and accept it.`;
+      case "use-ws":
+        return `${host} serves plain http, not TLS: use ws://${host}${path}.`;
       case "ws-refused":
-        return `${host} answers, but refused the WebSocket (a proxy in between?).`;
+        return path.endsWith("/ws")
+          ? `${host} is a gelf server and answers, but refused the WebSocket (a proxy in between?).`
+          : `${host} is a gelf server, but has no WebSocket at ${path}: use ${new URL(link.url).protocol}//${host}/ws.`;
       case "timeout":
         return `Timed out: ${host} did not complete the connection within ${CONNECT_TIMEOUT_MS / 1000} s.`;
       case "lost":
@@ -259,7 +411,7 @@
       case "invalid":
         return `Cannot open a WebSocket to ${host}: ${link.problemDetail}`;
       default:
-        if (kind.startsWith("http-")) return `${host} answers HTTP ${kind.slice(5)}: is it a gelf server?`;
+        if (kind.startsWith("http-")) return `The gelf server at ${host} answers HTTP ${kind.slice(5)} (a proxy in between?).`;
         return kind;
     }
   }
@@ -271,12 +423,14 @@
   };
 
   class Link {
-    constructor(url, own) {
+    #token;  // the access token, or null: kept here only, never in url, the DOM or toJSON
+
+    // `url` is the public URL (publicUrl), `token` the access token or null.
+    constructor(url, own, token = null) {
       this.url = url;
       this.own = own;
-      this.statsUrl = statsUrl(url);
+      this.#token = token;
       this.host = new URL(url).host;
-      this.hasToken = new URL(url).searchParams.has("token");
       this.state = "connecting";
       this.rxFrames = 0;
       this.rxBytes = 0;
@@ -309,6 +463,33 @@
       this.view = new LinkView(this);
     }
 
+    get hasToken() { return this.#token !== null; }
+    get token() { return this.#token; }
+
+    // The URLs with the token, for the socket and /stats only.
+    get #socketUrl() { return withToken(this.url, this.#token); }
+    get #statsUrl() { return statsUrl(this.#socketUrl); }
+
+    // A new token (from the form or the page's API): forget what the old one led to, try again.
+    setToken(token) {
+      if (token === this.#token) return;
+      this.#token = token;
+      this.problem = "";
+      this._probeId++;
+      const ws = this.ws;
+      if (ws) {
+        this.ws = null;
+        clearTimeout(this._connectTimer);
+        detach(this);
+        this._stopStats();
+        ws.onopen = ws.onmessage = ws.onerror = ws.onclose = null;
+        try { ws.close(1000, "new token"); } catch { /* already closing */ }
+      }
+      this.retryDelay = RETRY_MIN_MS;
+      this.attempts = 0;
+      this.connect();
+    }
+
     connect() {
       if (this.removed) return;
       clearTimeout(this._retryTimer);
@@ -320,7 +501,7 @@
 
       let ws;
       try {
-        ws = new WebSocket(this.url);
+        ws = new WebSocket(this.#socketUrl);
       } catch (err) {
         this.state = "error";
         this.problem = secure && this.url.startsWith("ws:") ? "blocked" : "invalid";
@@ -390,13 +571,15 @@
         detach(this);
         this._stopStats();
         this.ws = null;
-        if (timedOut) this.problem = "timeout";
-        else if (ev.code === 1006 && opened) this.problem = "lost";
+        if (timedOut) {
+          this.problem = "timeout";
+          this._explain(true);
+        } else if (ev.code === 1006 && opened) this.problem = "lost";
         else if (ev.code === 1006) {
-          // Unreachable, or refused (403: missing or wrong token)? Ask; until the answer,
-          // keep what an earlier attempt found.
+          // Unreachable, refused, the wrong scheme, not gelf? Ask; until the answer, keep what
+          // an earlier attempt found.
           if (!this.problem || this.problem === "lost") this.problem = "cannot";
-          this._explain();
+          this._explain(false);
         } else {
           this.problem = "closed";
           this.problemDetail = `code ${ev.code}${ev.reason ? `: ${mask(ev.reason)}` : ""}`;
@@ -406,10 +589,13 @@
       };
     }
 
-    async _explain() {
+    // After a timeout, "it answers" or "nothing answers" add nothing to "timed out".
+    async _explain(timedOut) {
       const id = ++this._probeId;
-      const kind = await probe(this.statsUrl);
-      if (id === this._probeId && !this.removed && this.state !== "open") this.problem = kind;
+      const kind = await diagnose(this.#socketUrl);
+      if (id !== this._probeId || this.removed || this.state === "open") return;
+      if (timedOut && (kind === "ws-refused" || kind.startsWith("unreachable"))) return;
+      this.problem = kind;
     }
 
     // ---- /stats: timers and fetches, never on the relay path; one request in flight at most.
@@ -434,7 +620,7 @@
       const timer = setTimeout(() => ctl.abort(), FETCH_TIMEOUT_MS);
       let stats = null;
       try {
-        const r = await fetch(this.statsUrl, { cache: "no-store", credentials: "omit", signal: ctl.signal });
+        const r = await fetch(this.#statsUrl, { cache: "no-store", credentials: "omit", signal: ctl.signal });
         if (r.ok) stats = await r.json();
       } catch { /* not answering, not readable, aborted, or not JSON: try again later */ }
       clearTimeout(timer);
@@ -519,9 +705,9 @@
     }
 
     toJSON() {
-      const { url, own, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped } = this;
+      const { url, own, hasToken, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped } = this;
       return {
-        url, own, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped,
+        url, own, hasToken, state, rxFrames, rxBytes, txFrames, txBytes, rxText, txDropped,
         dupDropped: this.rxDup, badDropped: this.rxBad,
         rxRate: this.view.rx.last, txRate: this.view.tx.last,
         problem: this.problem, server: this.server, statsPolls: this.statsPolls,
@@ -812,17 +998,30 @@
   const input = document.getElementById("peer-input");
   const message = document.getElementById("add-message");
 
+  // Links are known by their public URL: the same server with another token is the same link.
   function find(urlOrHostPort) {
     let url;
-    try { url = normalize(urlOrHostPort); } catch { url = String(urlOrHostPort); }
+    try { url = publicUrl(normalize(urlOrHostPort)); } catch { url = String(urlOrHostPort); }
     return links.find((l) => l.url === url) || null;
   }
 
-  function add(urlOrHostPort, own = false) {
-    const url = normalize(urlOrHostPort);
+  // Adds a link, or gives the link already there the token this one comes with. `saved` holds
+  // tokens by public URL (sessionStorage), for an address that comes without one. Returns the
+  // link; throws normalize's errors.
+  function add(urlOrHostPort, own = false, saved = {}) {
+    const full = normalize(urlOrHostPort);
+    const url = publicUrl(full);
+    const kept = Object.hasOwn(saved, url) && typeof saved[url] === "string" ? saved[url] : null;
+    const token = tokenOf(full) ?? kept;
     const existing = links.find((l) => l.url === url);
-    if (existing) return existing;
-    const link = new Link(url, own);
+    if (existing) {
+      if (token !== null && token !== existing.token) {
+        existing.setToken(token);
+        rememberPeers();
+      }
+      return existing;
+    }
+    const link = new Link(url, own, token);
     links.push(link);
     list.append(link.view.el);
     link.connect();
@@ -842,30 +1041,27 @@
     return true;
   }
 
-  // Keep ?peer=... in the address bar in sync, so the current relay can be bookmarked
-  // (other parameters, such as the page's own ?token=, stay). A URL that host:port or
-  // host:port#token would produce again is written that way; anything else as the URL.
+  // Keep ?peer=... in the address bar in sync, so the current relay can be bookmarked (other
+  // parameters stay), with no token in it: the tokens go to this tab's sessionStorage. A URL
+  // that host:port would produce again is written that way; anything else as the URL.
   function peerParam(url) {
     const u = new URL(url);
-    if (u.protocol === wsScheme && u.port && u.pathname === "/ws") {
-      if (!u.search) return u.host;
-      const token = u.searchParams.get("token");
-      if (token) {
-        const short = `${u.host}#${token}`;
-        try { if (normalize(short) === url) return short; } catch { /* keep the URL */ }
-      }
-    }
+    if (u.protocol === wsScheme && u.port && u.pathname === "/ws" && !u.search) return u.host;
     return url;
   }
   function rememberPeers() {
     const params = new URLSearchParams(location.search);
     params.delete("peer");
+    params.delete("token");
     let qs = params.toString();
+    const tokens = {};
     for (const l of links) {
+      if (l.hasToken) tokens[l.url] = l.token;
       if (l.own) continue;
       const v = encodeURIComponent(peerParam(l.url)).replace(/%3A/g, ":").replace(/%2F/g, "/");
       qs += `${qs ? "&" : ""}peer=${v}`;
     }
+    saveTokens(tokens);
     const next = location.pathname + (qs ? `?${qs}` : "") + location.hash;
     if (next !== location.pathname + location.search + location.hash) {
       history.replaceState(history.state, "", next);
@@ -902,20 +1098,23 @@
 
   form.addEventListener("submit", (ev) => {
     ev.preventDefault();
-    let url;
+    let full;
     try {
-      url = normalize(input.value);
+      full = normalize(input.value);
     } catch (err) {
       say(err.message, true);
       input.focus();
       return;
     }
-    if (links.some((l) => l.url === url)) {
-      say(`${mask(url)} is already linked.`, false);
+    const url = publicUrl(full);
+    const token = tokenOf(full);
+    const existing = find(url);
+    if (existing && (token === null || token === existing.token)) {
+      say(`${url} is already linked.`, false);
       return;
     }
-    add(url);
-    say(`Added ${mask(url)}.`, false);
+    add(full);
+    say(existing ? `New token for ${url}: trying again.` : `Added ${url}.`, false);
     input.value = "";
   });
   input.addEventListener("input", () => {
@@ -931,6 +1130,7 @@
     remove,
     find,
     normalize,
+    publicUrl,
     mask,
     statsUrl,
     stats: () => links.map((l) => l.toJSON()),
@@ -941,14 +1141,16 @@
 
   // ---- start -----------------------------------------------------------------------
 
-  const peers = new URLSearchParams(location.search).getAll("peer");
-  add(ownUrl(), true);
+  const address = takeAddress();
+  const saved = loadTokens();
+  add(withToken(ownPublicUrl, address.own), true, saved);
 
   const problems = [];
-  for (const peer of peers) {
-    try { add(peer); } catch (err) { problems.push(`peer=${mask(peer)}: ${err.message}`); }
+  for (const peer of address.peers) {
+    try { add(peer, false, saved); } catch (err) { problems.push(`peer=${mask(peer)}: ${err.message}`); }
   }
   if (problems.length) say(problems.join(" "), true);
+  rememberPeers();  // the address bar as the links are, even when no peer was valid
 
   refresh();
   setInterval(refresh, UI_INTERVAL_MS);

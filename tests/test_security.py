@@ -231,6 +231,8 @@ def test_token_guards_the_page_and_the_socket(gelf_server, ns_addr, open_page):
     page = open_page(f"{s1.url}/?token={quoted}&peer=127.0.0.1:{s2.port}%23{quoted}")
     wait_all_open(page, 2)
     assert_pings(ns1, ADDR[1], count=10)
+    # The page keeps the tokens in memory: not in its address (test_page.py checks everywhere).
+    assert quoted not in page.url and "sesame" not in page.url, page.url
 
 
 @pytest.mark.usefixtures("need_chromium")
