@@ -86,8 +86,8 @@ def build_parser():
     security.add_argument("--key-file", metavar="PATH",
                           help="read the key (hex) from PATH, which must not be readable by group or others")
     security.add_argument("--token", metavar="SECRET",
-                          help="require ?token=SECRET on everything this server serves but its static "
-                          "files: the page, /stats, /metrics and /ws (403 otherwise)")
+                          help="require ?token=SECRET on /ws, /stats and /metrics (403 otherwise); the "
+                          "page and its files stay public: they hold no secret")
     security.add_argument("--token-file", metavar="PATH",
                           help="read the token from PATH (mode 0600), so it stays out of ps")
     security.add_argument("--ssl-cert", metavar="FILE", help="serve https and wss with this certificate (PEM)")

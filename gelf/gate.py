@@ -273,7 +273,7 @@ class Gate:
             if self.context:
                 sock.close()
             else:
-                self._answer(entry, 503, text)
+                self._answer(entry, 503, text, "limit")
             return
         self.entries.add(entry)
         if self.context:
@@ -312,7 +312,7 @@ class Gate:
             self._handshake(entry)
         elif first.isalpha():
             log.log(logging.INFO, "plain HTTP sent to the TLS port, e.g. from %s", entry.key)
-            self._answer(entry, 400, httphead.PLAIN_HTTP_ON_TLS)
+            self._answer(entry, 400, httphead.PLAIN_HTTP_ON_TLS, "tls")
         else:
             self._discard(entry)
 
@@ -416,11 +416,11 @@ class Gate:
 
     # ------------------------------------------------------------ answers and closing
 
-    def _answer(self, entry, status, text):
+    def _answer(self, entry, status, text, why="request"):
         """Send a short response of our own, then close without losing it to a reset."""
         self._unwatch(entry)
         try:
-            entry.sock.send(httphead.response(status, text))
+            entry.sock.send(httphead.response(status, text, why))
         except OSError:
             pass  # the client is gone, or not reading: it gets the close
         self.admission.release(entry.sock)

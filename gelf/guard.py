@@ -19,7 +19,7 @@ import urllib.parse
 import cherrypy
 from cherrypy.lib import httputil
 
-from gelf.httphead import GELF_HEADER
+from gelf.httphead import EXPOSED, GELF_HEADER, REFUSED_HEADER
 
 # Sent with every response: no page of ours in a frame, no type sniffing, no Referer with a token.
 SECURITY_HEADERS = [
@@ -29,7 +29,7 @@ SECURITY_HEADERS = [
     ("Referrer-Policy", "no-referrer"),
 ]
 def identity_headers(version):
-    return [(GELF_HEADER, version), ("Access-Control-Expose-Headers", GELF_HEADER)]
+    return [(GELF_HEADER, version), ("Access-Control-Expose-Headers", EXPOSED)]
 
 
 class Origin(enum.Enum):
@@ -70,9 +70,7 @@ def check_origin(policy, drops):
     request.gelf_origin = verdict
     if verdict is Origin.REFUSED:
         drops.add("forbidden")
-        # Readable by the refused page, so that it can say why (the text names no secret).
-        cherrypy.serving.response.headers["Access-Control-Allow-Origin"] = "*"
-        raise cherrypy.HTTPError(403, "Pages from this origin may not use this server (see --allow-origin).")
+        refuse("origin", "Pages from this origin may not use this server (see --allow-origin).")
 
 
 def allow_reading(request, response):
@@ -86,14 +84,27 @@ def allow_reading(request, response):
     return verdict
 
 
+def refuse(why, text):
+    """403, readable by any page and saying why in X-Gelf-Refused, so that a relaying page can
+    tell gelf's refusals apart (the text names no secret)."""
+    cherrypy.serving.response.headers["Access-Control-Allow-Origin"] = "*"
+    cherrypy.serving.response.headers[REFUSED_HEADER] = why
+    raise cherrypy.HTTPError(403, text)
+
+
+PUBLIC = ("/",)  # the page itself: the relay app holds no secret, and a reload of it must work
+# although it took ?token= out of the address bar; what it reaches (/ws, /stats) needs the token
+
+
 def check_token(expected, drops):
     """Refuse (403) a request whose `token` query parameter is not the server's token."""
-    given = httputil.parse_query_string(cherrypy.serving.request.query_string).get("token")
+    request = cherrypy.serving.request
+    if request.path_info in PUBLIC:
+        return
+    given = httputil.parse_query_string(request.query_string).get("token")
     if not isinstance(given, str) or not hmac.compare_digest(given.encode(), expected.encode()):
         drops.add("forbidden")
-        # Readable cross-origin, so a relaying page can tell "refused" from "unreachable".
-        cherrypy.serving.response.headers["Access-Control-Allow-Origin"] = "*"
-        raise cherrypy.HTTPError(403, "A valid token is required: add ?token=... to the address.")
+        refuse("token", "A valid token is required: add ?token=... to the address.")
 
 
 def install(root_config, token, policy, drops, version):

@@ -12,6 +12,9 @@ from gelf import __version__
 GELF_HEADER = "X-Gelf"
 """Says "this is gelf" on every response, so that a relaying page can tell gelf's refusals (a
 token, an origin, TLS, a limit) from some other web server at the address it was given."""
+REFUSED_HEADER = "X-Gelf-Refused"
+"""On a refusal, why, in one word: token, origin, tls, limit, request."""
+EXPOSED = "%s, %s" % (GELF_HEADER, REFUSED_HEADER)  # headers a page may read
 
 MAX_HEAD = 16 * 1024
 """Largest request head the gate reads (request line and headers): Node.js's default
@@ -84,11 +87,12 @@ def refusal(head):
     return None
 
 
-def response(status, text):
+def response(status, text, why="request"):
     """A complete HTTP/1.1 response that closes the connection: status line, a plain-text reason,
-    readable by any page (the reason names no secret) and saying it comes from gelf."""
+    readable by any page (the reason names no secret), saying it comes from gelf and why."""
     body = (text + "\n").encode("utf-8")
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"%s: %s\r\nAccess-Control-Expose-Headers: %s\r\nAccess-Control-Allow-Origin: *\r\n"
-            b"Connection: close\r\n\r\n%s" % (status, REASONS[status].encode(), len(body), GELF_HEADER.encode(),
-                                               __version__.encode(), GELF_HEADER.encode(), body))
+    head = ["HTTP/1.1 %d %s" % (status, REASONS[status]), "Content-Type: text/plain; charset=utf-8",
+            "Content-Length: %d" % len(body), "%s: %s" % (GELF_HEADER, __version__),
+            "%s: %s" % (REFUSED_HEADER, why), "Access-Control-Expose-Headers: %s" % EXPOSED,
+            "Access-Control-Allow-Origin: *", "Connection: close"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body

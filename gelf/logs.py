@@ -19,11 +19,16 @@ BURSTS = {"gelf.gate": 1}  # loggers with a burst of their own
 WINDOW = 10.0  # seconds
 MAX_TEMPLATES = 1024
 
-_TOKEN = re.compile(r"(token=)[^&\s\"'#]+")
+# A token given as ?token=, URL-encoded inside another parameter (token%3D), or after the '#' of a
+# peer written host:port#token (peer=host:port%23token).
+_SECRETS = (re.compile(r"(token(?:=|%3D))[^&\s\"'#%]+", re.IGNORECASE),
+            re.compile(r"((?:peer|connect)=[^&\s\"']*?(?:%23|#))[^&\s\"']+", re.IGNORECASE))
 
 
 def redact(text):
-    return _TOKEN.sub(r"\1REDACTED", text)
+    for secret in _SECRETS:
+        text = secret.sub(r"\1REDACTED", text)
+    return text
 
 
 class Redact(logging.Filter):
@@ -31,8 +36,9 @@ class Redact(logging.Filter):
 
     def filter(self, record):
         message = record.getMessage()
-        if "token=" in message:
-            record.msg, record.args = redact(message), ()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
         return True
 
 

@@ -275,6 +275,7 @@
   // says "HTTPS". Anything else that answers is some other web server.
 
   const GELF_HEADER = "X-Gelf";
+  const REFUSED_HEADER = "X-Gelf-Refused";  // on gelf's refusals: token, origin, tls, limit, request
 
   // Hosts a browser treats as potentially trustworthy: an https page may still reach them
   // over http and ws (mixed content rules spare them).
@@ -309,7 +310,7 @@
       if (gelf && r.ok) r.body?.cancel().catch(() => {});  // its /stats: the header says enough
       else text = (await r.text()).slice(0, 16384);
       if (!gelf && r.ok) gelf = looksLikeStats(text);
-      return { answer: gelf ? "gelf" : "other", status: r.status, text };
+      return { answer: gelf ? "gelf" : "other", status: r.status, text, refused: r.headers.get(REFUSED_HEADER) || "" };
     } catch {
       if (ctl.signal.aborted) return { answer: "none" };
       try {
@@ -342,11 +343,14 @@
       const status = here.status;
       if (status >= 200 && status < 300) return "ws-refused";
       if (status === 403) {
-        if (/Pages from this origin|--allow-origin/.test(here.text)) return "origin";
-        if (/token/i.test(here.text)) return url.searchParams.has("token") ? "token-wrong" : "token-missing";
+        // X-Gelf-Refused says why; the text, for servers older than that header.
+        if (here.refused === "origin" || /Pages from this origin|--allow-origin/.test(here.text)) return "origin";
+        if (here.refused === "token" || /token/i.test(here.text)) {
+          return url.searchParams.has("token") ? "token-wrong" : "token-missing";
+        }
         return "refused";
       }
-      if (!tls && status === 400 && SAYS_HTTPS.test(here.text)) {
+      if (!tls && status === 400 && (here.refused === "tls" || SAYS_HTTPS.test(here.text))) {
         const there = await look(statsUrl(other.href));
         return there.answer === "gelf" ? "use-wss" : "use-wss-cert";
       }
@@ -358,7 +362,7 @@
       if (!tls) return "use-wss";
       // Over http it is gelf. A TLS server says so (its https failed on the certificate);
       // otherwise it is a plain server.
-      return there.status === 400 && SAYS_HTTPS.test(there.text) ? "cert" : "use-ws";
+      return there.status === 400 && (there.refused === "tls" || SAYS_HTTPS.test(there.text)) ? "cert" : "use-ws";
     }
     if (here.answer === "opaque" || there.answer !== "none") return "not-gelf";
     if (tls) return otherAllowed ? "unreachable-tls" : "unreachable-https-only";

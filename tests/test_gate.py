@@ -476,7 +476,7 @@ def test_tokens_stay_out_of_the_log(gelf_server):
     srv = gelf_server(extra=["--token", "sekrit-123"])
     assert get(srv.port, "/stats?token=sekrit-123").startswith(b"HTTP/1.1 200")
     assert exchange(srv.port, UPGRADE.format(query="?token=sekrit-123")).startswith(b"HTTP/1.1 101")
-    assert get(srv.port, "/?token=wrong-456").startswith(b"HTTP/1.1 403")
+    assert get(srv.port, "/stats?token=wrong-456").startswith(b"HTTP/1.1 403")
     time.sleep(0.5)
     log = srv.log_text()
     assert "/stats?token=" in log, log  # -d logs requests, without the secret
@@ -533,7 +533,7 @@ def test_limits_are_documented_and_checked():
                         (["--header-timeout", "soon"], "not a valid number of seconds")):
         res = helpers.run([sys.executable, "gelf.py", *argv, "7001"], check=False, cwd=helpers.REPO)
         errors = [line for line in res.stderr.splitlines() if line.startswith("gelf: error:")]
-        assert res.returncode == 2 and len(errors) == 1 and words in errors[0], res.stderr
+        assert res.returncode == 1 and len(errors) == 1 and words in errors[0], res.stderr  # README: Exit status
 
 
 def test_max_connections_over_the_open_files_limit_is_one_clear_error():

@@ -40,3 +40,10 @@ def test_tokens_are_redacted():
     record = records("cherrypy.access", '"GET /stats?token=%s&x=1 HTTP/1.1" 200', 1, ("s3cret",))[0]
     Redact().filter(record)
     assert record.getMessage() == '"GET /stats?token=REDACTED&x=1 HTTP/1.1" 200'
+
+
+def test_peer_tokens_in_page_addresses_are_redacted():
+    line = "GET /?peer=10.0.0.2:7001%23peer-secret&peer=ws://h/ws%3Ftoken%3Dother-secret HTTP/1.1"
+    record = records("cherrypy.access", line, 1)[0]
+    Redact().filter(record)
+    assert "secret" not in record.getMessage() and record.getMessage().count("REDACTED") == 2

@@ -209,3 +209,23 @@ def test_nothing_listening_is_unreachable(gelf_server, open_page):
     assert diagnosis(page, card(dead, "wss"), "unreachable-tls") == (
         f"Unreachable: nothing answers at {host}, over https or http. Is gelf running there, and can "
         f"this browser reach that port? If its certificate is self-signed, open https://{host}/ once and accept it.")
+
+
+def test_the_troubleshooting_section_quotes_the_pages_own_sentences():
+    """README, Troubleshooting: every sentence it quotes from a link's card is one the page says."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    page = (repo / "static" / "gelf.js").read_text()
+    quotes = [q for q in re.findall(r'"([^"`]{12,})"', section) if not q.startswith("...")]
+    assert len(quotes) >= 6, quotes
+    for quote in quotes:
+        quote = " ".join(quote.split())  # the README wraps lines
+        # host:port, ORIGIN and the like are the page's ${...} placeholders; "..." skips words.
+        for fragment in re.split(r"host:port|ORIGIN|\.\.\.|https?://\S+|wss?://\S+", quote):
+            fragment = fragment.strip(" .,:")
+            if len(fragment) > 3:
+                assert fragment in page, f"the README quotes {quote!r}, but the page never says {fragment!r}"

@@ -225,7 +225,10 @@ def test_token_guards_the_page_and_the_socket(gelf_server, ns_addr, open_page):
     assert ws_status(s2.port) == 403
     assert ws_status(s2.port, "?token=wrong") == 403
     assert ws_status(s2.port, "?token=" + quoted) == 101
-    assert http_status(s2.port, "/stats") == 403 and http_status(s2.port, "/") == 403
+    # The page is public (it holds no secret, and a reload of it must work without ?token=);
+    # everything it reaches needs the token.
+    assert http_status(s2.port, "/stats") == 403 and http_status(s2.port, "/metrics") == 403
+    assert http_status(s2.port, "/") == 200
     assert http_status(s2.port, "/stats?token=" + quoted) == 200
 
     page = open_page(f"{s1.url}/?token={quoted}&peer=127.0.0.1:{s2.port}%23{quoted}")
