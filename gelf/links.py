@@ -30,7 +30,9 @@ from gelf.stats import Drops, Traffic
 log = logging.getLogger("gelf.links")
 
 QUEUE_MESSAGES = 256
-QUEUE_BYTES = 4 << 20  # messages are shared between links' queues, so this bounds memory per link
+# Messages are shared between links' queues, so this bounds what one link can hold on to; the
+# socket's own unsent bytes are bounded too (loop.NOTSENT_LOWAT).
+QUEUE_BYTES = 1 << 20
 WRITE_BATCH = 256 * 1024  # bytes joined into one write
 RECV_SIZE = 256 * 1024
 READ_BUDGET = 1 << 20  # bytes read from one TLS socket per wake-up, so one peer cannot hog the loop
@@ -67,6 +69,7 @@ class Link:
         self._queued = 0  # bytes in _queue (messages and control frames)
         self._head = None  # memoryview: framed bytes being written
         self._closing = False  # our Close is queued: no more data
+        self._dropped = 0  # queue_full drops not yet counted in self.drops (see count_drops)
         self._writing = False  # the loop watches the socket for writability
         now = time.monotonic()
         self.progress = now  # when the peer last took bytes (or there was nothing to take)
@@ -85,7 +88,7 @@ class Link:
                 return  # not connected (a link still dialing), or closing
             if self._head is not None or self._queue:
                 if len(self._queue) >= QUEUE_MESSAGES or self._queued >= QUEUE_BYTES:
-                    self.drops.add("queue_full")
+                    self._dropped += 1  # under the link's lock only: a stuck link costs little
                     return
                 self._queue.append(message)
                 self._queued += len(message)
@@ -156,7 +159,7 @@ class Link:
             if closing:
                 self._closing = True
             elif len(self._queue) >= QUEUE_MESSAGES or self._queued >= QUEUE_BYTES:
-                self.drops.add("queue_full")
+                self._dropped += 1
                 return
             if self._head is None and not self._queue:
                 self.progress = time.monotonic()  # from now on, something waits for the peer
@@ -259,6 +262,16 @@ class Link:
         if out:
             self.send_control(out, closing=ws.close_sent)
 
+    def count_drops(self):
+        """Move the queue_full drops counted under the link's lock into its Drops (and the
+        server's): the loop does so every tick, so /stats is at most that late. Counting each
+        into Drops at once took two more locks per message and link, one of them shared by
+        every thread: with many stuck links, that was the hub's main cost."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        if dropped:
+            self.drops.add("queue_full", dropped)
+
     def waiting(self):
         """True while frames wait to be written."""
         return self._head is not None or bool(self._queue)
@@ -273,6 +286,7 @@ class Link:
     # ---------------------------------------------------------------- /stats
 
     def describe(self):
+        self.count_drops()
         return {
             "id": self.id,
             "peer": self.peer,

@@ -16,6 +16,8 @@ import collections
 import logging
 import os
 import select
+import socket
+import struct
 import threading
 import time
 
@@ -27,6 +29,11 @@ TICK = 0.25  # seconds between timer checks
 CLOSE_TIMEOUT = 3.0  # seconds a closing handshake may take before the socket is closed anyway
 KEEPALIVE = 15.0
 STALL = 10.0
+# Unsent bytes a link's socket may hold before it reports itself full: without a bound, the
+# kernel takes megabytes for a peer that never reads (loopback's 64 KiB segments let it grow
+# past 1 MB per socket), all copied before the link counts as stuck, and bufferbloat on a slow
+# path. Bytes in flight are still ruled by TCP's own window and buffer tuning.
+NOTSENT_LOWAT = 256 * 1024
 READ = select.EPOLLIN | select.EPOLLRDHUP
 WRITE = select.EPOLLOUT
 
@@ -161,6 +168,7 @@ class LinkLoop:
     def _attach(self, link, sock, ws, received):
         try:
             sock.setblocking(False)
+            _tune(sock)
             fd = sock.fileno()
             link.attach(sock, ws, self)
             self._epoll.register(fd, READ)
@@ -192,11 +200,13 @@ class LinkLoop:
             return
         for link in list(self._links.values()):
             ws = link.ws
+            link.count_drops()
             if link.deadline is not None and now >= link.deadline:
                 self._finish(link, ws.close_code if ws.close_received else fastws.CloseCode.ABNORMAL,
-                             "the closing handshake timed out")
+                             "the closing handshake timed out", abort=True)
             elif link.waiting() and now - link.progress > self.stall:
-                self._finish(link, fastws.CloseCode.ABNORMAL, "the peer took nothing for %g s" % self.stall)
+                self._finish(link, fastws.CloseCode.ABNORMAL, "the peer took nothing for %g s" % self.stall,
+                             abort=True)
             elif self.keepalive and ws.state is fastws.State.OPEN:
                 if link.pinged is None:
                     if now - link.heard > self.keepalive:
@@ -204,13 +214,21 @@ class LinkLoop:
                         link.send_control(ws.send_ping(b"gelf keepalive"))
                 elif now - link.pinged > self.keepalive:
                     self._finish(link, fastws.CloseCode.ABNORMAL,
-                                 "no answer to a keepalive ping in %g s" % self.keepalive)
+                                 "no answer to a keepalive ping in %g s" % self.keepalive, abort=True)
 
-    def _finish(self, link, code, why):
-        """The one way a connection ends: forget it, close its socket now, tell its link."""
+    def _finish(self, link, code, why, abort=False):
+        """The one way a connection ends: forget it, close its socket now, tell its link. `abort`
+        (a peer given up on: stalled, silent, or deaf to the closing handshake) resets the
+        connection, so the kernel drops what it still holds for that peer at once."""
+        link.count_drops()
         sock = link.detach()
         if sock is None:
             return
+        if abort:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
         fd = sock.fileno()
         if self._links.get(fd) is link:
             del self._links[fd]
@@ -229,6 +247,15 @@ class LinkLoop:
                 pass
         self._wake_r = self._wake_w = -1
         self._epoll.close()
+
+
+def _tune(sock):
+    """TCP options every link's socket gets (a socketpair in tests is not TCP: nothing to tune)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, NOTSENT_LOWAT)
+    except OSError:
+        pass
 
 
 def _close_socket(sock):

@@ -151,7 +151,6 @@ class Pump:
         eth = self._ethernet(message.frames, message.flags)
         if self.switch:
             self.switch.learn(eth, link)
-        self._forward(data, eth, exclude=link)
         offloaded = message.flags & wire.FLAG_OFFLOAD
         for frame, ethernet in zip(message.frames, eth):
             if self.switch and not self._is_local(ethernet):
@@ -164,6 +163,9 @@ class Pump:
             except OSError as err:
                 drops.add("tap_write")
                 log.debug("writing to %s failed: %s", self.tap.name, err)
+        # Forwarded after the tap has it: the local host's answer need not wait for the copies
+        # to every other link (a hub with many links).
+        self._forward(data, eth, exclude=link)
         # The kernel answers some frames while we write them (an echo reply, a TCP ACK): they
         # are on the tap already. Sending them from this thread saves waking the reader thread
         # and handing it the GIL, a good part of a round trip; if the reader is busy, it has them.

@@ -7,7 +7,6 @@ messages go to Pump.deliver.
 
 import functools
 import logging
-import socket
 import string
 import sys
 import time
@@ -86,10 +85,6 @@ class WebSocketLinks(LinkLoop):
         kind = "browser"
         if agent.startswith("gelf/"):
             kind = "relay" if agent.endswith(" relay") else "direct"
-        try:
-            upgrade.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass  # not TCP (tests may use socketpairs); nothing to tune
         release = self.admission and functools.partial(self.admission.release, upgrade.sock)  # gate
         link = SocketLink(peer, kind, self.links, self.drops, self.deliver, release)  # gate: release
         self.attach(link, upgrade.sock, fastws.Connection(client=False, max_message=self.max_message))
