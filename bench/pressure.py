@@ -524,10 +524,13 @@ def tcp_memory_mb():
 
 
 # Part 4's clients: as the issue asks (loopback), and with the MSS a client across Ethernet has.
-# On loopback (MSS 65 483) the kernel gives a socket that never reads a send buffer of up to 4 MiB
-# at once; with MSS 1460 about 160 KiB. That, not gelf, decides how much gets written into them.
-STUCK_VARIANTS = [("stuck-mss1460", "clients with MSS 1460 (as across Ethernet)"),
-                  ("stuck", "clients on loopback (MSS 65 483), as the issue asks")]
+# On loopback (MSS 65 483) the kernel lets gelf write about 3 MB into a socket whose peer never
+# reads (its send buffer starts at 2 x 10 segments of 64 KiB and grows to tcp_wmem's 4 MiB); with
+# MSS 1460, about 110 kB. 1 000 such loopback sockets take the host's TCP memory (tcp_mem, for the
+# whole host) to its pressure threshold: every TCP socket on the machine then gets small buffers,
+# until those sockets are gone. The loopback variant runs first, so A's RSS figures are its own.
+STUCK_VARIANTS = [("stuck", "clients on loopback (MSS 65 483), as the issue asks"),
+                  ("stuck-mss1460", "clients with MSS 1460 (as across Ethernet)")]
 
 
 def part_stuck1000(part, scope, out):
@@ -601,15 +604,15 @@ def part_fanout(part, scope, out):
     B = part.B
     seconds = 3 if part.quick else 5
     pings = 50 if part.quick else 100
-    counts = [0, 1, 10, 100]
+    counts = [0, 1, 10, 100, 0]  # N=0 again at the end: how far the machine drifted meanwhile
     out["seconds"], out["pings"], out["rows"] = seconds, pings, []
     for mode in ("hub", "learn"):
         sub = B.Scope()  # each mode's servers and clients go before the next mode's start
         try:
             s1, s2, (p1, p2), (ns_a, ns_b) = part.pair(sub, "p5" + mode[0],
                                                        a_extra=["--learn"] if mode == "learn" else [])
-            for n in counts:
-                row = {"mode": mode, "n": n}
+            for i, n in enumerate(counts):
+                row = {"mode": mode, "n": n, "again": i > 0 and not n}
                 out["rows"].append(row)
                 readers = []
                 try:
@@ -675,7 +678,9 @@ def run(bench, parts=None):
     """Run the parts (all by default) on `bench` (a bench.Bench); return {part: results}."""
     part = _Part(bench)
     B = part.B
-    results = {}
+    results = {"_run": {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "load_before": load(), "quick": part.quick,
+                        "cpu": "%s, %d cores" % (B.cpu_model(), os.cpu_count()), "commit": B.git_commit()}}
+    started = time.monotonic()
     for name in parts or PARTS:
         out = results[name] = {}
         scope = bench.scope = B.Scope()
@@ -693,6 +698,8 @@ def run(bench, parts=None):
         out["elapsed"] = time.monotonic() - t
         B.log("pressure: %s done in %.0f s%s" % (name, out["elapsed"],
                                                  ": failed: " + out["failed"] if "failed" in out else ""))
+    results["_run"].update(load_after=load(), elapsed=time.monotonic() - started)
+    (B.LOGS / "pressure.json").write_text(json.dumps(results, indent=1))  # every figure, for a closer look
     return results
 
 
@@ -718,7 +725,11 @@ def _last5(intervals):
 
 def report(results):
     """The section's Markdown: a summary table (one row per goal), then each part's detail."""
+    run = results.get("_run", {})
     out = ["## Under pressure", "",
+           "- run: %s%s, %.0f s; %s; gelf %s; load average (1 min) before / after: %.2f / %.2f" % (
+               "--quick, " if run.get("quick") else "", run.get("date", "?"), run.get("elapsed", 0),
+               run.get("cpu", "?"), run.get("commit", "?"), run.get("load_before", 0), run.get("load_after", 0)), "",
            "Each figure beside a reference measured in the same run, same topology, without the pressure. "
            "A = the server under pressure (tap in namespace A), B dials it (`--connect`); transfers are iperf3 "
            "TCP A→B over the direct link, the receiver's rate and its 1-s intervals. \"load\" is the 1-minute "
@@ -736,7 +747,27 @@ def report(results):
         rows, more = globals()["_report_" + name.replace("-", "_")](r)
         out += rows
         detail += more
-    return "\n".join(out + [""] + detail)
+    return "\n".join(out + [""] + _noise(results) + detail)
+
+
+def _noise(results):
+    """The same measurement repeated within this run, as a measure of how noisy the figures are."""
+    said = []
+    runs = results.get("stuck2", {}).get("runs")
+    if runs and len(runs) > 1:
+        said.append("part 1's reference transfer %s Gbit/s" % " and ".join("%.2f" % r["ref"]["gbps"] for r in runs))
+    for mode in ("hub", "learn"):
+        zero = [r["gbps"] for r in results.get("fanout", {}).get("rows", []) if r["mode"] == mode and not r["n"]
+                and "gbps" in r]
+        if len(zero) > 1:
+            said.append("part 5's %s N=0 %s Gbit/s (first, last)" % (mode, " and ".join("%.2f" % z for z in zero)))
+    ref = results.get("stuck1000", {}).get("ref", {}).get("intervals")
+    if ref and len(ref) > 2:
+        said.append("part 4's reference 1-s intervals %.2f to %.2f Gbit/s (coefficient of variation %.0f %%)" % (
+            min(ref), max(ref), 100 * statistics.pstdev(ref) / statistics.mean(ref)))
+    if not said:
+        return []
+    return ["Noise, the same measurement repeated within this run: %s." % "; ".join(said), ""]
 
 
 def _report_stuck2(r):
@@ -761,7 +792,7 @@ def _report_stuck2(r):
         x is not None for x in lefts)
     rows.append("| 1. 2 never-reading clients: direct link ≥ 0.5× its rate, no 1-s interval at 0, their links "
                 "leave /stats | %s Gbit/s (min 1-s %s; links gone after %s) | %s Gbit/s | %s | %s | %s | "
-                "%d runs; ratios %s |" % (
+                "runs: %d, ratios %s |" % (
                     " / ".join("%.3f" % run["stuck"]["gbps"] for run in r["runs"]),
                     " / ".join(_f(m, "%.3f") for m in mins),
                     " / ".join(_f(x, "%.1f s", "never") for x in lefts),
@@ -862,16 +893,22 @@ def _report_fanout(r):
         if "gbps" not in row:
             det.append("| %s | %d | failed | | | | | | |" % (row["mode"], row["n"]))
             continue
-        if row["n"] == 0:
+        if row["n"] == 0 and not row.get("again"):
             base[row["mode"]] = row["gbps"]
         x = row["gbps"] / base[row["mode"]] if base.get(row["mode"]) else None
-        det.append("| %s | %d | %.3f | %s | %s | %s | %.2f | %s | %.2f |" % (
-            row["mode"], row["n"], row["gbps"], _f(x), _f(row["rtt"]["median"], "%.3f"), _f(row["rtt"]["p99"], "%.3f"),
+        det.append("| %s | %s | %.3f | %s | %s | %s | %.2f | %s | %.2f |" % (
+            row["mode"], "0 (again)" if row.get("again") else row["n"], row["gbps"], _f(x), _f(row["rtt"]["median"], "%.3f"), _f(row["rtt"]["p99"], "%.3f"),
             row["s1_cpu"], ", ".join("%.2f" % c for c in row["readers_cpu"]) or "–", row["load"]))
         if row["n"] == 100:
             summary.append("%s %.3f Gbit/s (%s×), RTT %s ms" % (row["mode"], row["gbps"], _f(x),
                                                               _f(row["rtt"]["median"], "%.2f")))
-    det += [""] + ["Notes: %s" % "; ".join(r["notes"])] if r.get("notes") else [""]
+    busy = [row for row in r["rows"] if any(c > 0.8 for c in row.get("readers_cpu", ()))]
+    det += ["", "The reading clients (50 sockets per process) used %s of a core at most: %s." % (
+        _f(max((c for row in r["rows"] for c in row.get("readers_cpu", ())), default=None)),
+        "they may be the bottleneck in the rows with N = %s" % ", ".join(str(row["n"]) for row in busy) if busy
+        else "they are not the bottleneck"), ""]
+    if r.get("notes"):
+        det += ["Notes: %s" % "; ".join(r["notes"]), ""]
     rows = ["| 5. fan-out: one link beside 1, 10, 100 reading links (hub, --learn) | at 100: %s | N=0: %s | – | "
             "see below | measured | |" % ("; ".join(summary), ", ".join("%s %.3f" % kv for kv in base.items()))]
     return rows, det
@@ -883,7 +920,7 @@ def _report_footprint(r):
            "time to connect s | load |", "|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     base = r["rows"][0]
     for row in r["rows"]:
-        per = (row["rss"] - base["rss"]) * 1024 / row["n"] if row["n"] else None
+        per = (row["rss"] - base["rss"]) * 1024 / row["n"] if row["n"] >= 100 else None  # 1: noise
         det.append("| %d | %d | %d | %d | %d | %.1f | %s | %s | %.2f |" % (
             row["n"], row["links"], row["sockets"], row["threads"], row["fds"], row["rss"], _f(per, "%.0f"),
             _f(row.get("connect_s"), "%.1f"), row["load"]))
@@ -927,7 +964,6 @@ def main(argv):
     except (KeyboardInterrupt, B.Interrupted):
         B.log("interrupted: cleaned up")
         return 130
-    (B.LOGS / "pressure.json").write_text(json.dumps(results, indent=1))
     print(report(results))
     return 0
 
