@@ -4,7 +4,8 @@ clients cost the others, each figure beside a reference measured in the same run
 topology, without the pressure.
 
 Run as root from the checkout: `python bench/bench.py --only pressure` (with the other rows:
-`make bench`). While developing: `python bench/pressure.py [--quick] [--parts 1 4 ...]`.
+`make bench`). While developing: `python bench/pressure.py [--quick] [--parts stuck2 fanout ...]`
+(prints the section; every figure is also in bench/tmp/pressure.json).
 
 Parts (each with its own fresh servers and namespaces; A = the server with the tap in namespace
 A, dialed by B with --connect; "stuck" = a WebSocket that never reads, SO_RCVBUF 4096):
@@ -13,9 +14,12 @@ A, dialed by B with --connect; "stuck" = a WebSocket that never reads, SO_RCVBUF
                16 KiB TLS record, one byte a second; ping B->A 100 times, 0.1 s apart
   3 slowloris  bench/slowloris.py's attack (1 000 idle + 200 slowloris connections from 127.0.0.2)
                on A; GET / and a /ws upgrade from 127.0.0.1 once a second, pings over the link
-  4 stuck1000  1 000 stuck clients (10 from each of 127.0.0.2-101) on A during a 20 s transfer
+  4 stuck1000  1 000 stuck clients (10 from each of 127.0.0.2-101) on A during a 20 s transfer;
+               once on loopback as the issue asks, once with clients announcing MSS 1460
+               (STUCK_VARIANTS says why)
   5 fanout     throughput and RTT of the direct link beside 0, 1, 10, 100 reading clients on A
-               (clients that read and discard everything and answer pings), hub and --learn
+               (clients that read and discard everything and answer pings), hub and --learn;
+               N = 0 again at the end, to show how far the machine drifted meanwhile
   6 footprint  what A holds (sockets, threads, fds, RSS) at 0, 1, 100, 1 000 idle WebSockets
 
 The clients are this same file run as a separate process (`pressure.py client MODE ...`): one
@@ -233,11 +237,14 @@ def _read_all(socks, stop):
             if n:
                 total += n
                 for op, payload in _parse(r, view, n):
-                    if op == 9:  # ping: pong with the same payload
-                        r.sock.send(_mask_frame(0xA, payload))
-                        pongs += 1
-                    elif op == 8:  # close: answer it; the server then closes TCP
-                        r.sock.send(_mask_frame(0x8, payload[:2]))
+                    try:
+                        if op == 9:  # ping: pong with the same payload
+                            r.sock.send(_mask_frame(0xA, payload))
+                            pongs += 1
+                        elif op == 8:  # close: answer it; the server then closes TCP
+                            r.sock.send(_mask_frame(0x8, payload[:2]))
+                    except OSError:
+                        pass  # a few bytes that do not fit: the server's keepalive will say so
                 continue
             closed += 1
             ep.unregister(fd)
@@ -250,7 +257,8 @@ def _read_all(socks, stop):
 # ================================================================ the bench side
 
 class _Part:
-    """What every part needs: bench.py's toolbox (B), the durations, a log of load averages."""
+    """What every part needs: bench.py's toolbox (B), --quick, unique log names, a server pair
+    and client processes."""
 
     def __init__(self, bench):
         self.B = sys.modules[type(bench).__module__]  # bench.py, whether run as a script or imported
