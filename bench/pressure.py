@@ -583,8 +583,13 @@ def part_stuck1000(part, scope, out):
                 time.sleep(0.25)
 
         cpu0 = cpu(B, s1)
+        t0 = time.monotonic()
         v.update(transfer(part, scope, ns_a, ns_b, seconds, during=watch))
         v["s1_cpu"] = cpu(B, s1) - cpu0
+        while seen["alone"] is None and time.monotonic() - t0 < seconds + 20:  # the clients still connected
+            if [l["kind"] for l in links(p1)] == ["direct"]:
+                seen["alone"] = time.monotonic() - t0
+            time.sleep(0.5)
         v["peak"], v["tcp_mem"] = seen["peak"], seen["tcp_mem"]
         v["alone_after"], v["queued_after"] = seen["alone"], seen["queued"]
         v["listed_after"] = sorted(set(l["kind"] for l in links(p1)))
@@ -881,7 +886,7 @@ def _report_stuck1000(r):
             det.append("| %s | %d | %d | %d | %.0f |" % (label, fp["threads"], fp["fds"], fp["sockets"], fp["rss"]))
         det += ["", "1-s intervals: %s" % " ".join("%.2f" % x for x in v["intervals"]), "",
                 "Their queues first held frames (their sockets full: the %s no-progress clock starts) %s into the "
-                "transfer; /stats listed the direct link alone %s in. A's CPU during the transfer: %.1f s; "
+                "transfer; /stats listed the direct link alone %s after its start. A's CPU during the transfer: %.1f s; "
                 "queue_full drops: %d; /stats after: %s. Host TCP memory (/proc/net/sockstat): %.0f MB before, "
                 "up to %.0f MB, %.0f MB at the end with the clients still connected, %.0f MB after they exited." % (
                     "10 s", _f(v["queued_after"], "%.0f s", "never"), _f(v["alone_after"], "%.1f s", "never"),
