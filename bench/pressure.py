@@ -371,7 +371,7 @@ _INTERVAL = re.compile(r"\]\s+([\d.]+)-([\d.]+)\s+sec\s+[\d.]+ \w?Bytes\s+([\d.]
 
 def transfer(part, scope, ns_a, ns_b, seconds, during=None):
     """iperf3 TCP A->B for `seconds`; the receiver's 1-s intervals (Gbit/s) and its total rate.
-    `during(t0)` runs in a thread from the client's start to its end (a watcher)."""
+    `during(t0, done)` runs in a thread from the client's start (t0) until `done` is set (a watcher)."""
     B = part.B
     server = scope.start(part.name("iperf3-server"), ["ip", "netns", "exec", ns_b, "iperf3", "-s", "-1", "-B",
                                                         B.ADDR_B, "-p", str(B.IPERF_PORT), "--forceflush"])
