@@ -44,6 +44,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pressure  # bench/pressure.py: the "under pressure" section (issue 15)
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 LOGS = BENCH / "tmp"
@@ -59,7 +61,7 @@ TAG = "gb%d" % (os.getpid() % 10000)  # prefix of interface names (at most 15 ch
 BUDGET = 570  # seconds: rows that would start later are skipped, so the whole run stays < 10 min
 
 TAP_ROWS = ["R1", "R2", "direct", "direct-enc", "relay", "relay-enc", "browser", "browser-enc"]
-ALL_ROWS = ["R1", "R2", "R3"] + TAP_ROWS[2:]
+ALL_ROWS = ["R1", "R2", "R3"] + TAP_ROWS[2:] + ["pressure"]
 LABELS = {
     "R1": "R1 kernel veth",
     "R2": "R2 Python tap copier",
@@ -599,6 +601,8 @@ class Bench:
                 t = time.monotonic()
                 if row == "R3":
                     self.r3_row()
+                elif row == "pressure":
+                    self.results[row] = pressure.run(self)
                 else:
                     self.tap_row(row)
                 log("row %s done in %.0f s%s" % (row, time.monotonic() - t,
@@ -627,7 +631,7 @@ class Bench:
                     " (other work was running before the start: figures may be pessimistic)"
                     if self.load[0] > 0.5 else " (after: the bench's own load)"),
                 ""]
-        tap_rows = [r for r in rows if r != "R3"]
+        tap_rows = [r for r in rows if r not in ("R3", "pressure")]
         if tap_rows:
             out += ["| row | TCP A→B Gbit/s | TCP B→A Gbit/s | ×R2 (A→B / B→A) | UDP loss %% @%s (rx Mbit/s) "
                     "| RTT median ms | RTT p99 ms | CPU s | peak RSS MB | notes |" % self.rate,
@@ -660,6 +664,8 @@ class Bench:
             "to the servers during TCP A→B (both directions), ×R3 = that over R3's messages/s at the size "
             "nearest the average message. Chromium is launched directly on the page URL (no driver attached)."
             % (self.tcp_s, self.rate, self.udp_s, self.pings), ""]
+        if "pressure" in rows:
+            out.append(pressure.report(self.results.get("pressure", {})))
         return "\n".join(out)
 
     def table_row(self, row):
