@@ -30,9 +30,13 @@ from gelf.stats import Drops, Traffic
 log = logging.getLogger("gelf.links")
 
 QUEUE_MESSAGES = 256
-# Messages are shared between links' queues, so this bounds what one link can hold on to; the
-# socket's own unsent bytes are bounded too (loop.NOTSENT_LOWAT).
+# What one link's queue may hold: 1 MiB, less when many links share the server's budget, so that
+# stuck peers, which each get stuck holding different messages, cannot together hold more than
+# QUEUE_BUDGET (1 000 of them held some 500 MB with 1 MiB each). The socket's own unsent bytes
+# are bounded too (loop.NOTSENT_LOWAT).
 QUEUE_BYTES = 1 << 20
+QUEUE_BYTES_MIN = 64 * 1024
+QUEUE_BUDGET = 64 << 20
 WRITE_BATCH = 256 * 1024  # bytes joined into one write
 RECV_SIZE = 256 * 1024
 READ_BUDGET = 1 << 20  # bytes read from one TLS socket per wake-up, so one peer cannot hog the loop
@@ -70,6 +74,7 @@ class Link:
         self._head = None  # memoryview: framed bytes being written
         self._closing = False  # our Close is queued: no more data
         self._dropped = 0  # queue_full drops not yet counted in self.drops (see count_drops)
+        self.queue_bytes = QUEUE_BYTES  # this link's share of the budget (LinkSet sets it)
         self._writing = False  # the loop watches the socket for writability
         now = time.monotonic()
         self.progress = now  # when the peer last took bytes (or there was nothing to take)
@@ -87,7 +92,7 @@ class Link:
             if ws is None or self._closing:
                 return  # not connected (a link still dialing), or closing
             if self._head is not None or self._queue:
-                if len(self._queue) >= QUEUE_MESSAGES or self._queued >= QUEUE_BYTES:
+                if len(self._queue) >= QUEUE_MESSAGES or self._queued >= self.queue_bytes:
                     self._dropped += 1  # under the link's lock only: a stuck link costs little
                     return
                 self._queue.append(message)
@@ -158,7 +163,7 @@ class Link:
                 return
             if closing:
                 self._closing = True
-            elif len(self._queue) >= QUEUE_MESSAGES or self._queued >= QUEUE_BYTES:
+            elif len(self._queue) >= QUEUE_MESSAGES or self._queued >= self.queue_bytes:
                 self._dropped += 1
                 return
             if self._head is None and not self._queue:
@@ -318,10 +323,18 @@ class LinkSet:
         with self._lock:
             if link not in self._links:
                 self._links = self._links + (link,)
+                self._share()
 
     def remove(self, link):
         with self._lock:
             self._links = tuple(other for other in self._links if other is not link)
+            self._share()
+
+    def _share(self):
+        """Each link's queue bound: an equal share of QUEUE_BUDGET, within [64 KiB, 1 MiB]."""
+        share = max(QUEUE_BYTES_MIN, min(QUEUE_BYTES, QUEUE_BUDGET // max(1, len(self._links))))
+        for link in self._links:
+            link.queue_bytes = share
 
     def keep(self, link):
         with self._lock:

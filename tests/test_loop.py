@@ -289,3 +289,21 @@ def test_pings_whose_pongs_are_never_read_grow_nothing(loop):
     wait(lambda: link.describe()["drops"]["queue_full"] > 0, "pongs to be dropped once the queue is full")
     assert len(link._queue) <= QUEUE_MESSAGES and link._queued < QUEUE_BYTES + (1 << 20)
     assert not link.done.is_set()
+
+
+def test_links_share_one_queue_budget():
+    from gelf.links import QUEUE_BUDGET, QUEUE_BYTES_MIN, LinkSet
+
+    links = LinkSet()
+    few = [Link("l%d" % i, Drops()) for i in range(10)]
+    for link in few:
+        links.add(link)
+    assert {link.queue_bytes for link in few} == {QUEUE_BYTES}
+    many = [Link("m%d" % i, Drops()) for i in range(1000)]
+    for link in many:
+        links.add(link)
+    assert {link.queue_bytes for link in links} == {max(QUEUE_BYTES_MIN, QUEUE_BUDGET // 1010)}
+    assert sum(link.queue_bytes for link in links) <= QUEUE_BUDGET + len(links) * QUEUE_BYTES_MIN
+    for link in many:
+        links.remove(link)
+    assert {link.queue_bytes for link in few} == {QUEUE_BYTES}
