@@ -284,24 +284,90 @@ def parse_loss(output):
     return float(m.group(1))
 
 
-def ping_cmd(ns, addr, count, interval=0.2, wait=1):
-    return ["ip", "netns", "exec", ns, "ping", "-n", "-c", str(count), "-i", str(interval),
-            "-W", str(wait), addr]
+# Seconds a reply may take and still count: a late answer is not a lost one.
+PING_WAIT = 10
+
+# Why not ping(8): once any reply has come, iputils ping waits only max(2 x the largest round
+# trip, the interval) after its last request, whatever -W says (-W applies only while no reply
+# has come), so on a busy machine a reply late by a few hundred milliseconds counts as lost;
+# and with -w it sends more requests than -c asks for. This pinger sends exactly `count` echo
+# requests `interval` apart, counts every reply that arrives until all are answered or `wait`
+# seconds after the last request, and prints ping's summary line (and "(DUP!)" for duplicates).
+# Arguments: addr count interval wait [-p HEX] (-p fills the payload with a pattern, as ping's).
+PINGER = r"""
+import os, select, socket, struct, sys, time
+addr, count, interval, wait = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+opts = dict(zip(sys.argv[5::2], sys.argv[6::2]))
+data = ((bytes.fromhex(opts["-p"]) if "-p" in opts else bytes(range(56))) * 56)[:56]
+v6 = ":" in addr
+family = socket.AF_INET6 if v6 else socket.AF_INET
+s = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+request, reply = (128, 129) if v6 else (8, 0)
+ident, want = os.getpid() & 0xFFFF, socket.inet_pton(family, addr)
 
 
-def ping(ns, addr, count=20, interval=0.2, wait=1):
+def checksum(b):  # the kernel fills in ICMPv6 checksums itself
+    n = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    n = (n >> 16) + (n & 0xFFFF)
+    return ~(n + (n >> 16)) & 0xFFFF
+
+
+sent, answered, dups, seq, end = {}, set(), 0, 0, None
+start = time.monotonic()
+while True:
+    now = time.monotonic()
+    if seq < count and now >= start + seq * interval:
+        seq += 1
+        head = struct.pack("!BBHHH", request, 0, 0, ident, seq)
+        if not v6:
+            head = struct.pack("!BBHHH", request, 0, checksum(head + data), ident, seq)
+        sent[seq] = time.monotonic()
+        s.sendto(head + data, (addr, 0))
+        if seq == count:
+            end = sent[seq] + wait
+        continue
+    if seq == count and (len(answered) == count or now >= end):
+        break
+    ready, _, _ = select.select([s], [], [], max(0.0, (end if seq == count else start + seq * interval) - now))
+    if not ready:
+        continue
+    packet, src = s.recvfrom(65535)
+    if not v6:
+        packet = packet[(packet[0] & 15) * 4:]
+    if len(packet) < 8 or socket.inet_pton(family, src[0]) != want:
+        continue
+    kind, _, _, rid, rseq = struct.unpack("!BBHHH", packet[:8])
+    if kind != reply or rid != ident or rseq not in sent:
+        continue
+    dup = rseq in answered
+    dups += dup
+    answered.add(rseq)
+    print("%d bytes from %s: icmp_seq=%d time=%.2f ms%s" % (
+        len(packet), addr, rseq, (time.monotonic() - sent[rseq]) * 1000, " (DUP!)" if dup else ""))
+print("--- %s ping statistics ---" % addr)
+print("%d packets transmitted, %d received, %s%g%% packet loss" % (
+    count, len(answered), "+%d duplicates, " % dups if dups else "", 100 * (count - len(answered)) / count))
+sys.exit(0 if answered else 1)
+"""
+
+
+def ping_cmd(ns, addr, count, interval=0.2, wait=PING_WAIT):
+    return ["ip", "netns", "exec", ns, PYTHON, "-c", PINGER, addr, str(count), str(interval), str(wait)]
+
+
+def ping(ns, addr, count=20, interval=0.2, wait=PING_WAIT):
     """Ping addr from namespace ns; return (loss percent, output)."""
     res = run(ping_cmd(ns, addr, count, interval, wait), check=False,
-              timeout=count * interval + wait + 20)
+              timeout=count * interval + wait + 60)
     out = res.stdout + res.stderr
     return parse_loss(out), out
 
 
-def wait_ping(ns, addr, timeout=15):
+def wait_ping(ns, addr, timeout=60):
     """Wait until one ping from ns to addr is answered (ARP and links settle). Bounded."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        res = run(ping_cmd(ns, addr, 1, wait=1), check=False, timeout=10)
+        res = run(ping_cmd(ns, addr, 1, wait=5), check=False, timeout=60)
         if res.returncode == 0:
             return True
         time.sleep(0.2)
