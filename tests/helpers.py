@@ -226,17 +226,30 @@ class GelfServer:
         return "\n".join(parts)
 
 
-def gelf_once(*args, prefix=(), timeout=10):
+def gelf_once(*args, prefix=(), timeout=60, ready=None, linger=0):
     """Run `gelf.py ARGS` (after an optional prefix such as `ip netns exec NS`) until it exits,
-    or SIGTERM it after `timeout` seconds; return (exit code, output)."""
+    or SIGTERM it: `linger` seconds after a line matching regex `ready` (if given) appeared, and
+    at the latest after `timeout` seconds; return (exit code, output).
+
+    A server that is to be stopped passes `ready`, so that the signal never comes before it has
+    started (a busy machine may take seconds), and the call returns as soon as it can."""
     proc = subprocess.Popen([*prefix, PYTHON, "gelf.py", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log = LogPump(proc.stdout)
+    deadline = time.monotonic() + timeout
+    if ready and log.wait_line(ready, timeout, alive=lambda: proc.poll() is None):
+        deadline = min(deadline, time.monotonic() + linger)
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        proc.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=5)
-    return proc.returncode, out
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(30)
+    log.thread.join(10)
+    return proc.returncode, log.text() + "\n"
 
 
 # ---------------------------------------------------------------- namespaces
