@@ -1,7 +1,9 @@
 """Shared helpers for the gelf system tests: servers, namespaces, ping, wire bytes.
 
 Everything here talks only to 127.0.0.1 or to addresses inside network namespaces that the
-tests create themselves, and every wait is bounded.
+tests create themselves, and every wait is bounded. The bounds are generous (tens of seconds):
+the suite must pass on a busy machine, so a test asserts what happens, not how fast. Speed
+figures belong in `make bench`.
 """
 
 import hashlib
@@ -50,7 +52,7 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run(cmd, check=True, timeout=30, **kw):
+def run(cmd, check=True, timeout=60, **kw):
     """Run a short command; return CompletedProcess with text output."""
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
     if check and res.returncode != 0:
@@ -162,7 +164,7 @@ class GelfServer:
             c.append("-d")
         return c + self.extra + [str(self.port)]
 
-    def start(self, timeout=10):
+    def start(self, timeout=60):
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.proc = subprocess.Popen(
             self.cmd(), cwd=REPO, stdin=subprocess.DEVNULL,
@@ -187,7 +189,7 @@ class GelfServer:
     def alive(self):
         return self.proc is not None and self.proc.poll() is None
 
-    def stats(self, timeout=5):
+    def stats(self, timeout=30):
         with urllib.request.urlopen(self.url + "/stats", timeout=timeout) as r:
             return json.loads(r.read().decode())
 
@@ -195,7 +197,7 @@ class GelfServer:
         if self.alive():
             self.proc.send_signal(sig)
 
-    def stop(self, timeout=5):
+    def stop(self, timeout=30):
         """SIGTERM and wait; SIGKILL if it does not exit. Returns the exit code."""
         if self.proc is None:
             return None
@@ -205,19 +207,19 @@ class GelfServer:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
-                self.proc.wait(5)
+                self.proc.wait(30)
         self._join_logs()
         return self.proc.returncode
 
     def kill(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait(5)
+            self.proc.wait(30)
         self._join_logs()
 
     def _join_logs(self):
         if self.logs:
-            self.logs[-1].thread.join(2)
+            self.logs[-1].thread.join(10)
 
     def log_text(self):
         parts = []
@@ -271,7 +273,7 @@ def netns_del(name):
 
 def move_tap(dev, ns, addr, prefix=24, mac=None):
     """Move a tap (created by a server in the root namespace) into ns and give it addr."""
-    wait_for(lambda: iface_exists(dev), 5, what=f"{dev} in the root namespace")
+    wait_for(lambda: iface_exists(dev), 30, what=f"{dev} in the root namespace")
     if mac:
         run(["ip", "link", "set", "dev", dev, "address", mac])
     run(["ip", "link", "set", "dev", dev, "netns", ns])
@@ -422,7 +424,7 @@ def link_state(page, port):
     return loc.first.text_content().strip()
 
 
-def wait_link_state(page, port, state="open", timeout=10):
+def wait_link_state(page, port, state="open", timeout=60):
     """Wait until the page's link to 127.0.0.1:port shows `state` (or, with state=None, any
     state other than open)."""
     js = """([sel, st]) => {
@@ -495,14 +497,14 @@ def servers_in_namespaces(gelf_server, ns_addr, n):
 
 
 def assert_pings(ns, addr, count=20):
-    assert wait_ping(ns, addr, timeout=15), f"{ns} never reached {addr} through the page"
+    assert wait_ping(ns, addr, timeout=60), f"{ns} never reached {addr} through the page"
     loss, out = ping(ns, addr, count=count)
     assert loss == 0, f"ping {ns} -> {addr} lost {loss}%:\n{out}"
 
 
 def assert_pings_fail(ns, addr):
-    """Traffic has stopped: within 10 s the pings go unanswered, and then stay so."""
-    deadline = time.monotonic() + 10
+    """Traffic has stopped: within 60 s the pings go unanswered, and then stay so."""
+    deadline = time.monotonic() + 60
     while True:
         loss, out = ping(ns, addr, count=3, interval=0.2)
         if loss == 100 or time.monotonic() > deadline:
@@ -519,11 +521,11 @@ def transfer(bg, ns_src, ns_dst, addr, tmp_path, nbytes=TRANSFER_BYTES):
     src.write_bytes(data)
     receiver = bg(["ip", "netns", "exec", ns_dst, PYTHON, "-c", RECEIVER, addr, str(TCP_PORT)],
                   name=f"tcp receiver ({ns_dst})")
-    assert receiver.pump.wait_line(r"^ready$", 10), "receiver did not start"
+    assert receiver.pump.wait_line(r"^ready$", 60), "receiver did not start"
     sender = bg(["ip", "netns", "exec", ns_src, PYTHON, "-c", SENDER, addr, str(TCP_PORT), str(src)],
                 name=f"tcp sender ({ns_src})")
     assert sender.wait(120) == 0, f"sender failed:\n{sender.pump.text()}"
-    m = receiver.pump.wait_line(r"^received (\d+) ([0-9a-f]{64})$", 30)
+    m = receiver.pump.wait_line(r"^received (\d+) ([0-9a-f]{64})$", 120)
     assert m, f"receiver did not finish:\n{receiver.pump.text()}"
     assert int(m.group(1)) == nbytes
     assert m.group(2) == hashlib.sha256(data).hexdigest()
@@ -553,7 +555,7 @@ class NsGelfServer(GelfServer):
     def cmd(self):
         return ["ip", "netns", "exec", self.netns] + super().cmd()
 
-    def stats(self, timeout=5):
+    def stats(self, timeout=30):
         res = run(["ip", "netns", "exec", self.netns, PYTHON, "-c", _STATS_IN_NS,
                    self.url + "/stats", str(timeout)], timeout=timeout + 10)
         return json.loads(res.stdout)

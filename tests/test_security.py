@@ -20,7 +20,7 @@ OTHER_KEY = "00112233445566778899aabbccddeeff"
 PATTERN = "6a656c6c796669736873656372657421"  # "jellyfishsecret!"
 
 
-def wait_all_open(page, count, timeout=15):
+def wait_all_open(page, count, timeout=60):
     page.wait_for_function(
         "n => window.gelfRelay.links.length === n && window.gelfRelay.links.every(l => l.state === 'open')",
         arg=count, timeout=timeout * 1000, polling=100)
@@ -47,7 +47,7 @@ def capture(bg, iface, filter_, path, ns=None):
 def stop_capture(proc):
     time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
-    proc.wait(10)
+    proc.wait(30)
 
 
 @pytest.mark.usefixtures("need_chromium")
@@ -126,19 +126,19 @@ def test_replayed_and_altered_messages_are_dropped(gelf_server, ns_addr):
     tap1, link2 = Recorder(s1.ws_url), Recorder(s2.ws_url)
     try:
         helpers.ping(ns1, ADDR[1], count=2, interval=0.2)  # ARP from ns1: s1 sends messages
-        wait_for(lambda: tap1.messages, 5, what="a message from server1")
+        wait_for(lambda: tap1.messages, 30, what="a message from server1")
         captured = tap1.messages[0]
         assert captured[2] & 0x01, "server1 did not seal its message"
 
         link2.send(captured)
-        wait_for(lambda: s2.stats()["tap"]["written_frames"] >= 1, 5, what="the genuine message")
+        wait_for(lambda: s2.stats()["tap"]["written_frames"] >= 1, 30, what="the genuine message")
         written = s2.stats()["tap"]["written_frames"]
 
         link2.send(captured)  # the same message again
         altered = bytearray(captured)
         altered[-20] ^= 0x40  # one flipped byte in the ciphertext
         link2.send(bytes(altered))
-        wait_for(lambda: s2.stats()["drops"]["auth"] == 1 and s2.stats()["drops"]["replay"] == 1, 5,
+        wait_for(lambda: s2.stats()["drops"]["auth"] == 1 and s2.stats()["drops"]["replay"] == 1, 30,
                  what="the replay and the altered message to be counted")
         assert s2.stats()["tap"]["written_frames"] == written
     finally:
@@ -199,7 +199,7 @@ def test_tls_page_and_wss_links(gelf_server, ns_addr, browser, tmp_path):
 
 
 def http_status(port, path):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", path)
     status = conn.getresponse().status
     conn.close()
@@ -208,7 +208,7 @@ def http_status(port, path):
 
 def ws_status(port, query=""):
     """The HTTP status of a WebSocket handshake on /ws."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/ws" + query, headers={
         "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
         "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="})
