@@ -99,8 +99,15 @@ def capture(bg, ns, iface, path):
     return proc
 
 
-def echo_requests(proc, path):
-    time.sleep(0.5)
+def echo_requests(proc, path, count):
+    def written():  # tcpdump may lag on a busy machine: stopping it drops what it has not written
+        return run(["tcpdump", "-r", str(path), "-n", "icmp"], check=False).stdout.count("echo request")
+
+    try:
+        wait_for(lambda: written() >= count, 30, what=f"{count} echo requests in {path.name}")
+    except TimeoutError:
+        pass  # the caller's assertion reports the count
+    time.sleep(0.5)  # and time for a duplicate to show
     proc.send_signal(signal.SIGINT)
     proc.wait(30)
     out = run(["tcpdump", "-r", str(path), "-n", "icmp"]).stdout
@@ -112,7 +119,7 @@ def assert_once_on_tap(bg, tmp_path, ns_src, ns_dst, dst_server, addr, count=10)
     pcap = tmp_path / f"{dst_server.dev}.pcap"
     cap = capture(bg, ns_dst, dst_server.dev, pcap)
     loss, out = helpers.ping(ns_src, addr, count=count)
-    n = echo_requests(cap, pcap)
+    n = echo_requests(cap, pcap, count)
     assert loss == 0 and "DUP!" not in out, out
     assert n == count, f"{n} echo requests reached {dst_server.dev} for {count} sent"
 
