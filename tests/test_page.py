@@ -194,7 +194,7 @@ def test_throughput_figures_change_with_traffic(gelf_server, ns_addr, open_view,
     for r in before.values():
         assert r["rx"][0] == 0 and r["tx"][0] == 0, before
 
-    ping_burst(bg, ns1, ADDR[1], count=300, interval=0.05)
+    ping_burst(bg, ns1, ADDR[1], count=1200, interval=0.05)  # 60 s: as long as the wait below
     page.wait_for_function(
         """sels => sels.every(sel => ['rx', 'tx'].every(d =>
             Number(document.querySelector(`${sel} .${d}-rate`).dataset.value) > 0))""",
@@ -225,7 +225,7 @@ def test_key_mismatch_shown_on_rejecting_server(gelf_server, ns_addr, open_view,
     wait_link_state(page, s1.port, "open")
     wait_link_state(page, s2.port, "open")
     # ns1 sends (ARP for ADDR[1]); s2 cannot take what s1 sends, whatever the direction of the key.
-    ping_burst(bg, ns1, ADDR[1], count=200, interval=0.2)
+    ping_burst(bg, ns1, ADDR[1], count=300, interval=0.2)  # 60 s: as long as the wait below
 
     alert = page.locator(f"{link_selector(s2.port)} .alert-key")
     alert.wait_for(state="visible", timeout=60_000)
