@@ -343,7 +343,8 @@ while True:
         continue
     if seq == count and (len(answered) == count or now >= end):
         break
-    ready, _, _ = select.select([s], [], [], max(0.0, (end if seq == count else start + seq * interval) - now))
+    limit = end if seq == count else start + seq * interval  # the end, or the next request
+    ready, _, _ = select.select([s], [], [], max(0.0, limit - now))
     if not ready:
         continue
     packet, src = s.recvfrom(65535)

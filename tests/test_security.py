@@ -125,7 +125,7 @@ def test_replayed_and_altered_messages_are_dropped(gelf_server, ns_addr):
     ns_addr(s2, ADDR[1])
     tap1, link2 = Recorder(s1.ws_url), Recorder(s2.ws_url)
     try:
-        helpers.ping(ns1, ADDR[1], count=2, interval=0.2)  # ARP from ns1: s1 sends messages
+        helpers.ping(ns1, ADDR[1], count=2, interval=0.2, wait=1)  # ARP from ns1: s1 sends messages
         wait_for(lambda: tap1.messages, 30, what="a message from server1")
         captured = tap1.messages[0]
         assert captured[2] & 0x01, "server1 did not seal its message"
