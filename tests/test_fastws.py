@@ -95,7 +95,7 @@ class PairLink(Link):
         return self.sock
 
 
-def read_messages(sock, count, timeout=60):
+def read_messages(sock, count, timeout=20):
     reader = fastws.FrameReader(expect_masked=False, max_message=1 << 20)
     got = []
     sock.settimeout(timeout)
@@ -125,7 +125,7 @@ def test_every_message_arrives_once_in_order_from_many_threads():
         w.start()
     for w in workers:
         w.join()
-    consumer.join(120)
+    consumer.join(30)
     link.stop()
     assert link.drops.snapshot()["queue_full"] == 0
     assert len(reader) == per_thread * threads
