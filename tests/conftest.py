@@ -213,7 +213,7 @@ def open_page(request, browser):
         request.node._gelf_consoles.append((url, console))
         page.on("console", lambda m: console.append(f"[{m.type}] {m.text}"))
         page.on("pageerror", lambda e: console.append(f"[pageerror] {e}"))
-        page.set_default_timeout(15_000)
+        page.set_default_timeout(60_000)
         page.goto(url)
         return page
 

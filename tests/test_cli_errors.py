@@ -14,7 +14,7 @@ from helpers import PYTHON, REPO
 ERROR_LINE = re.compile(r"^[\w.\-]+( relay)?: error: ")
 
 
-def gelf(*args, prefix=(), timeout=20):
+def gelf(*args, prefix=(), timeout=60):
     cmd = [*prefix, PYTHON, "gelf.py", *map(str, args)]
     try:
         return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,

@@ -30,7 +30,7 @@ def get(server, path, token=None):
     """(status, content type, body text) of GET path on the server."""
     url = server.url + path + (f"?token={token}" if token else "")
     try:
-        with urllib.request.urlopen(url, timeout=5) as r:
+        with urllib.request.urlopen(url, timeout=30) as r:
             return r.status, r.headers.get("Content-Type", ""), r.read().decode()
     except urllib.error.HTTPError as err:
         return err.code, err.headers.get("Content-Type", ""), err.read().decode("utf-8", "replace")
@@ -64,7 +64,7 @@ def two_linked_servers(gelf_server, ns_addr, extra1=(), extra2=()):
     s2 = gelf_server(extra=["--connect", s1.ws_url, *extra2])
     ns2 = ns_addr(s2, ADDR[1])
     for s in (s1, s2):
-        wait_for(lambda: [l for l in s.stats()["links"] if l["state"] == "open"], 10,
+        wait_for(lambda: [l for l in s.stats()["links"] if l["state"] == "open"], 60,
                  what=f"an open link on {s.dev}")
     assert helpers.wait_ping(ns2, ADDR[0]), "the direct link does not carry pings"
     return (s1, ns1), (s2, ns2)
@@ -161,7 +161,7 @@ def test_metrics_link_drops_by_reason(gelf_server):
             link = [l for l in fams["gelf_link_drops"] if l.labels["kind"] == "browser"]
             return fams if len(link) == 2 else None
 
-        fams = wait_for(dropped, 10, what="two drop reasons on the link")
+        fams = wait_for(dropped, 30, what="two drop reasons on the link")
         assert value(fams, "gelf_link_drops", kind="browser", reason="text") == 1
         assert value(fams, "gelf_link_drops", kind="browser", reason="empty") == 2
         assert value(fams, "gelf_drops", reason="empty") == 2
@@ -201,7 +201,7 @@ def test_pcap_records_both_directions(gelf_server, ns_addr, tmp_path):
 
 def gelf(*args):
     return subprocess.run([PYTHON, "gelf.py", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=20)
+                          stdin=subprocess.DEVNULL, timeout=60)
 
 
 @pytest.mark.parametrize("where", ["missing-dir", "directory"])

@@ -56,7 +56,7 @@ def quiet_ipv6(server):
 def ping_burst(bg, ns, addr, count=400, interval=0.05, size=56):
     """Background pings (stopped at teardown by the bg fixture)."""
     return bg(["ip", "netns", "exec", ns, "ping", "-n", "-q", "-c", str(count), "-i", str(interval),
-               "-s", str(size), "-W", "1", addr], name=f"ping {ns} -> {addr}")
+               "-s", str(size), "-W", "10", addr], name=f"ping {ns} -> {addr}")
 
 
 def card(port, host="127.0.0.1", path="/ws"):
@@ -69,7 +69,7 @@ def wait_problem(page, selector, kind, timeout=60):
         arg=[selector, kind], timeout=timeout * 1000, polling=100)
 
 
-def wait_graph(page, port, samples=12, timeout=40):
+def wait_graph(page, port, samples=12, timeout=120):
     """Wait until both graphs of the card hold `samples` samples, the newest non-zero."""
     page.wait_for_function(
         """([sel, n]) => ['rx', 'tx'].every(d => {
@@ -133,7 +133,7 @@ def scene(gelf_server, ns_addr, netns, bg, open_view, viewport, phone=False, dar
     assert helpers.wait_ping(ns1, ADDR[1]), "no ping through the page"
     # Steps of different sizes, so that the graphs have a shape; then a steady flow.
     for size in (300, 1400, 700):
-        ping_burst(bg, ns1, ADDR[1], count=120, interval=0.02, size=size).wait(60)
+        ping_burst(bg, ns1, ADDR[1], count=120, interval=0.02, size=size).wait(120)
     ping_burst(bg, ns1, ADDR[1], count=3000, interval=0.02, size=1100)
     for s in (s1, s2):
         wait_graph(page, s.port, samples=20)
@@ -192,16 +192,16 @@ def test_throughput_figures_change_with_traffic(gelf_server, ns_addr, open_view,
         """sels => sels.every(sel => ['rx', 'tx'].every(d => {
             const e = document.querySelector(`${sel} .${d}-rate`);
             return e && e.dataset.value === '0' && /\\d/.test(e.textContent);
-        }))""", arg=[link_selector(s1.port), link_selector(s2.port)], timeout=20_000, polling=200)
+        }))""", arg=[link_selector(s1.port), link_selector(s2.port)], timeout=60_000, polling=200)
     before = {s.port: rates(page, s.port) for s in (s1, s2)}
     for r in before.values():
         assert r["rx"][0] == 0 and r["tx"][0] == 0, before
 
-    ping_burst(bg, ns1, ADDR[1], count=300, interval=0.05)
+    ping_burst(bg, ns1, ADDR[1], count=1200, interval=0.05)  # 60 s: as long as the wait below
     page.wait_for_function(
         """sels => sels.every(sel => ['rx', 'tx'].every(d =>
             Number(document.querySelector(`${sel} .${d}-rate`).dataset.value) > 0))""",
-        arg=[link_selector(s1.port), link_selector(s2.port)], timeout=20_000, polling=200)
+        arg=[link_selector(s1.port), link_selector(s2.port)], timeout=60_000, polling=200)
     during = {s.port: rates(page, s.port) for s in (s1, s2)}
     for port in during:
         for d in ("rx", "tx"):
@@ -228,10 +228,10 @@ def test_key_mismatch_shown_on_rejecting_server(gelf_server, ns_addr, open_view,
     wait_link_state(page, s1.port, "open")
     wait_link_state(page, s2.port, "open")
     # ns1 sends (ARP for ADDR[1]); s2 cannot take what s1 sends, whatever the direction of the key.
-    ping_burst(bg, ns1, ADDR[1], count=200, interval=0.2)
+    ping_burst(bg, ns1, ADDR[1], count=300, interval=0.2)  # 60 s: as long as the wait below
 
     alert = page.locator(f"{link_selector(s2.port)} .alert-key")
-    alert.wait_for(state="visible", timeout=25_000)
+    alert.wait_for(state="visible", timeout=60_000)
     text = alert.text_content()
     assert "key mismatch" in text.lower() and "--key" in text, text
     assert alert.get_attribute("data-reason") == reason
@@ -256,7 +256,7 @@ def test_matching_keys_show_no_mismatch(gelf_server, ns_addr, open_view):
     polls = page.evaluate("gelfRelay.stats().map(l => l.statsPolls)")
     page.wait_for_function(
         "before => gelfRelay.stats().every((l, i) => l.statsPolls >= before[i] + 2)",
-        arg=polls, timeout=20_000, polling=200)
+        arg=polls, timeout=60_000, polling=200)
     for s in (s1, s2):
         sel = link_selector(s.port)
         assert page.locator(f"{sel} .alert-key").is_hidden()

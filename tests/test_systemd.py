@@ -343,7 +343,7 @@ def test_exec_start_of_both_units_links_two_taps(need_root, unit_server, ns_addr
     for srv in (a, b):
         assert int(srv.status("CapBnd"), 16) == cap_mask(unit) == (1 << 12) | (1 << 10)
         assert srv.status("NoNewPrivs") == "1"
-        assert srv.logs[-1].wait_line(r"\[Gelf\] Encryption enabled", 1), srv.log_text()
+        assert srv.logs[-1].wait_line(r"\[Gelf\] Encryption enabled", 30), srv.log_text()
 
     ns_a = ns_addr(a, ADDR[0])
     ns_b = ns_addr(b, ADDR[1])
