@@ -180,5 +180,5 @@ def test_a_bridge_that_is_down_is_named(netns):
     helpers.run(["ip", "-n", ns, "link", "set", "lo", "up"])
     helpers.run(["ip", "-n", ns, "link", "add", "br0", "type", "bridge"])  # created down
     code, out = helpers.gelf_once("--dev", helpers.tap_name(), "--bridge", "br0", str(helpers.free_port()),
-                                  prefix=("ip", "netns", "exec", ns), timeout=10)
+                                  prefix=("ip", "netns", "exec", ns), ready=r"Relay listening")
     assert code == 0 and "warning: bridge br0 is down" in out and "ip link set br0 up" in out, out

@@ -126,11 +126,11 @@ def test_pages_carry_security_headers_and_tokens_stay_out_of_logs(gelf_server):
 
 @pytest.mark.usefixtures("need_root")
 def test_an_unprotected_server_names_the_risk():
-    code, out = helpers.gelf_once("--dev", helpers.tap_name(), str(helpers.free_port()), timeout=10)
+    code, out = helpers.gelf_once("--dev", helpers.tap_name(), str(helpers.free_port()), ready=r"any web page open")
     assert code == 0 and "any web page open in a browser" in out and "--allow-origin" in out, out
     code, out = helpers.gelf_once("--dev", helpers.tap_name(), "--allow-origin", "http://relay:8000",
-                                  str(helpers.free_port()), timeout=10)
+                                  str(helpers.free_port()), ready=r"Relay listening", linger=1)
     assert code == 0 and "any web page" not in out, out
-    code, out = helpers.gelf_once("--allow-origin", "relay:8000", str(helpers.free_port()), timeout=10)
+    code, out = helpers.gelf_once("--allow-origin", "relay:8000", str(helpers.free_port()))
     assert code == 1 and "gelf: error: --allow-origin: 'relay:8000' is not an origin" in out, out
     assert "Traceback" not in out
