@@ -43,7 +43,7 @@ def unique(prefix):
 
 def tap_name():
     """A short, session-unique tap name (at most 15 characters)."""
-    return f"gt{os.getpid() % 1000}x{next(_counter)}"
+    return f"gt{os.getpid() % 100000}x{next(_counter)}"  # two runs at once must not collide
 
 
 def free_port():
