@@ -41,7 +41,6 @@ import socket
 import ssl
 import statistics
 import struct
-import subprocess
 import sys
 import threading
 import time
@@ -417,7 +416,6 @@ def cpu(B, proc):
 # ---------------------------------------------------------------- 1. two clients that never read
 
 def part_stuck2(part, scope, out):
-    B = part.B
     seconds = 8 if part.quick else 15
     repeats = 1 if part.quick else 2
     s1, s2, (p1, p2), (ns_a, ns_b) = part.pair(scope, "p1")
@@ -661,7 +659,6 @@ def part_fanout(part, scope, out):
 # ---------------------------------------------------------------- 6. what one server holds
 
 def part_footprint(part, scope, out):
-    B = part.B
     s1, s2, (p1, p2), (ns_a, ns_b) = part.pair(scope, "p6")
     time.sleep(1)
     out["rows"] = [dict(footprint(s1.pid), n=0, links=len(links(p1)), load=load())]

@@ -408,6 +408,15 @@ def eth_frame(payload, dst=b"\xff" * 6, src=b"\x02GELF\x01", ethertype=0x88B5):
     return dst + src + struct.pack(">H", ethertype) + payload
 
 
+def make_certificate(directory):
+    """A self-signed certificate for 127.0.0.1 (CN and subjectAltName): (cert path, key path)."""
+    cert, key = Path(directory) / "cert.pem", Path(directory) / "key.pem"
+    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], timeout=60)
+    return cert, key
+
+
 def chromium_available():
     return os.path.exists(CHROMIUM) and shutil.which(CHROMIUM) is not None
 

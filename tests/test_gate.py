@@ -10,7 +10,6 @@ measures the times.
 
 import gc
 import http.client
-import os
 import re
 import resource
 import select
@@ -439,9 +438,8 @@ def test_keep_alive_pipelining_body_and_big_heads(gelf_server):
 def test_websocket_holds_its_slot_until_it_closes(gelf_server, tmp_path, tls):
     extra, context = ["--max-per-address", "3"], None
     if tls:
-        from test_security import make_certificate
 
-        cert, key = make_certificate(tmp_path)
+        cert, key = helpers.make_certificate(tmp_path)
         extra += ["--ssl-cert", str(cert), "--ssl-key", str(key)]
         context = ssl.create_default_context(cafile=str(cert))
 
@@ -496,9 +494,8 @@ def half_a_client_hello():
 
 @pytest.mark.usefixtures("need_root")
 def test_silent_tls_clients_do_not_stop_https_or_wss(gelf_server, tmp_path):
-    from test_security import make_certificate
 
-    cert, key = make_certificate(tmp_path)
+    cert, key = helpers.make_certificate(tmp_path)
     tls = ["--ssl-cert", str(cert), "--ssl-key", str(key)]
     s1 = gelf_server(extra=tls)
     silent = [socket.create_connection(("127.0.0.1", s1.port), source_address=(ATTACKER, 0)) for _ in range(20)]

@@ -49,13 +49,6 @@ def fds_of(proc):
     return len(os.listdir(f"/proc/{proc.pid}/fd"))
 
 
-def certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)], timeout=60)
-    return cert, key
-
-
 def direct_pair(gelf_server, ns_addr, a_extra=(), b_extra=(), scheme="ws", context=None):
     """Server A (tap in its namespace, ADDR[0]) and server B dialing it (ADDR[1])."""
     a = gelf_server(extra=list(a_extra))
@@ -121,7 +114,7 @@ def test_15_1_clients_that_never_read_lose_alone_and_are_closed(gelf_server, ns_
 
 
 def test_15_2_half_a_tls_record_stalls_no_other_link(gelf_server, ns_addr, tmp_path):
-    cert, key = certificate(tmp_path)
+    cert, key = helpers.make_certificate(tmp_path)
     context = ssl.create_default_context(cafile=str(cert))
     a, b, ns_a, ns_b = direct_pair(gelf_server, ns_addr, scheme="wss", context=context,
                                    a_extra=["--ssl-cert", str(cert), "--ssl-key", str(key)],
@@ -236,7 +229,7 @@ def test_15_6_a_link_that_cannot_connect_is_listed_with_its_error(gelf_server):
 
 
 def test_15_6_the_wrong_scheme_is_named(gelf_server, tmp_path):
-    cert, key = certificate(tmp_path)
+    cert, key = helpers.make_certificate(tmp_path)
     tls = gelf_server(extra=["--ssl-cert", str(cert), "--ssl-key", str(key)])
     plain = gelf_server()
     dialer = gelf_server(extra=["--connect", f"ws://127.0.0.1:{tls.port}/ws",

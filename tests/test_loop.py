@@ -8,11 +8,12 @@ import os
 import socket
 import ssl
 import struct
-import subprocess
 import threading
 import time
 
 import pytest
+
+import helpers
 
 from gelf.fastws import CloseCode, Connection, Event
 from gelf.links import QUEUE_BYTES, QUEUE_MESSAGES, Link
@@ -234,12 +235,7 @@ def test_the_descriptor_is_closed_even_with_file_objects_left(loop):
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tls")
-    cert, key = path / "cert.pem", path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
+    return helpers.make_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def tls_pair(certificate):

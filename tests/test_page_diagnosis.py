@@ -46,14 +46,6 @@ def diagnosis(page, selector, kind, timeout=WAIT):
     return alert.text_content()
 
 
-def make_certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    helpers.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                 "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                 "-keyout", str(key), "-out", str(cert)])
-    return cert, key
-
-
 @pytest.fixture
 def web_server(tmp_path):
     """Factory: web_server(cors) -> port of a plain Python web server that is not gelf. It answers
@@ -114,7 +106,7 @@ def test_another_web_server_is_not_gelf(gelf_server, open_page, web_server, cors
 # ---------------------------------------------------------------- the wrong scheme
 
 def test_ws_to_a_tls_server_says_use_wss(gelf_server, open_page, tmp_path):
-    cert, key = make_certificate(tmp_path)
+    cert, key = helpers.make_certificate(tmp_path)
     tls = gelf_server(extra=["--ssl-cert", str(cert), "--ssl-key", str(key)])
     # This browser trusts the certificate: its https probe reads the server's X-Gelf.
     page, _ = page_on(gelf_server, open_page, [f"127.0.0.1:{tls.port}"], ignore_https_errors=True)
@@ -139,7 +131,7 @@ def plain_http_status(port):
 
 
 def test_ws_to_a_tls_server_with_an_untrusted_certificate(gelf_server, open_page, tmp_path):
-    cert, key = make_certificate(tmp_path)
+    cert, key = helpers.make_certificate(tmp_path)
     tls = gelf_server(extra=["--ssl-cert", str(cert), "--ssl-key", str(key)])
     # What the page relies on: without it an untrusted TLS server is, to a page, nothing at all.
     status, says_gelf, acao = plain_http_status(tls.port)

@@ -167,17 +167,9 @@ def test_key_file_permissions_and_bad_keys(gelf_server, tmp_path):
     assert KEY not in server.log_text() and server.stats()["encryption"]
 
 
-def make_certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    helpers.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                 "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                 "-keyout", str(key), "-out", str(cert)])
-    return cert, key
-
-
 @pytest.mark.usefixtures("need_chromium")
 def test_tls_page_and_wss_links(gelf_server, ns_addr, browser, tmp_path):
-    cert, key = make_certificate(tmp_path)
+    cert, key = helpers.make_certificate(tmp_path)
     tls = ["--ssl-cert", str(cert), "--ssl-key", str(key)]
     (s1, s2), (ns1, _) = servers_in_namespaces(lambda: gelf_server(extra=tls), ns_addr, 2)
 
