@@ -19,7 +19,7 @@ The gate runs in cheroot's serve thread and never blocks. Each connection is:
   5. taken back when a worker keeps it alive, and read again; idle for cheroot's
      server.socket_timeout (10 s), it is closed, as cheroot would.
 A WebSocket upgrade leaves with ws4py (which takes `rfile.raw._sock`); its admission slot stays
-held until the handler's closed() releases it.
+held until its link ends (server.SocketLink.ended releases it).
 """
 
 import collections
