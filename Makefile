@@ -5,8 +5,9 @@
 #   make venv     create .venv and install gelf (pip install -e .); remakes a half-made .venv
 #   make sysdeps  install the system tools gelf and its tests use (Debian, as root)
 #   make test     set up everything the tests need, then run them (root; Chromium for most)
-#   make bench    run the benchmark (root, < 10 min): table on stdout and in bench/results.md
-#                 (BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--only R1 direct" for some rows)
+#   make bench    run the benchmark (root, < 20 min): LAN rows (~5 min), then the WAN part (~8 min);
+#                 tables on stdout and in bench/results.md (BENCH_ARGS=--quick for a smoke run,
+#                 BENCH_ARGS="--only R1 direct" for some LAN rows, BENCH_ARGS="--only wan" for the WAN part)
 #   make clean    remove the venv and build/test leftovers
 #   make install  install system-wide (as root): venv /opt/gelf, /usr/local/bin/gelf, systemd units,
 #                 /etc/gelf/gelf.conf; DESTDIR=/stage stages it instead (README: Running as a service)
