@@ -112,13 +112,14 @@ def free_port():
 class Proc:
     """A background process in its own session, output in a log file; stopped by its PID."""
 
-    def __init__(self, name, cmd, cwd=None):
+    def __init__(self, name, cmd, cwd=None, pass_fds=()):
         self.name = name
         self.path = LOGS / ("%s.log" % name)
         self._out = open(self.path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._out,
-                                  stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+                                  stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True,
+                                  pass_fds=pass_fds)
         self.pid = self.p.pid
 
     def text(self):
@@ -215,8 +216,8 @@ class Scope:
         self.netns = []
         self.dirs = []
 
-    def start(self, name, cmd, cwd=None):
-        proc = Proc(name, cmd, cwd)
+    def start(self, name, cmd, cwd=None, pass_fds=()):
+        proc = Proc(name, cmd, cwd, pass_fds)
         self.procs.append(proc)
         return proc
 
@@ -378,12 +379,19 @@ def browser_traffic(ports):
     return msgs, nbytes
 
 
-def start_chromium(scope, name, url, netns=None):
-    """Headless Chromium on url, in netns if given."""
+def start_chromium(scope, name, url, netns=None, devtools=None):
+    """Headless Chromium on url, in netns if given. devtools = (read fd, write fd) of two pipes:
+    Chromium then speaks the DevTools protocol on them (--remote-debugging-pipe: it reads
+    commands from its fd 3 and writes answers to its fd 4)."""
     cmd = [CHROMIUM] + CHROMIUM_ARGS + ["--user-data-dir=%s" % scope.tmpdir(), url]
+    fds = ()
+    if devtools:
+        fds = tuple(devtools)
+        cmd = ["bash", "-c", 'exec "$0" "$@" 3<&%d 4>&%d %d<&- %d>&-' % (fds * 2),  # dash: fds < 10 only
+               CHROMIUM, "--remote-debugging-pipe"] + cmd[1:]
     if netns:
         cmd = ["ip", "netns", "exec", netns] + cmd
-    proc = scope.start(name, cmd)
+    proc = scope.start(name, cmd, pass_fds=fds)
     proc.group = True  # Chromium forks helpers into its session: stop the whole group
     return proc
 
