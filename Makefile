@@ -5,8 +5,11 @@
 #   make venv     create .venv and install gelf (pip install -e .); remakes a half-made .venv
 #   make sysdeps  install the system tools gelf and its tests use (Debian, as root)
 #   make test     set up everything the tests need, then run them (root; Chromium for most)
-#   make bench    run the benchmark (root, < 10 min): table on stdout and in bench/results.md
-#                 (BENCH_ARGS=--quick for a smoke run, BENCH_ARGS="--only R1 direct" for some rows)
+#   make bench    run the benchmark (root, < 20 min): LAN rows (~5 min), then the WAN part (~8 min);
+#                 tables on stdout and in bench/results.md (BENCH_ARGS=--quick for a smoke run,
+#                 BENCH_ARGS="--only R1 direct" for some LAN rows, BENCH_ARGS="--only wan" for the WAN part)
+#   make soak     10 minutes of traffic with page reloads and relay restarts (root): RSS, links, log
+#                 errors on stdout and in bench/soak.md (SOAK_ARGS="--minutes 2" for a short one)
 #   make clean    remove the venv and build/test leftovers
 #   make install  install system-wide (as root): venv /opt/gelf, /usr/local/bin/gelf, systemd units,
 #                 /etc/gelf/gelf.conf; DESTDIR=/stage stages it instead (README: Running as a service)
@@ -19,6 +22,7 @@ PORT        ?= 7001
 ARGS        ?=
 PYTEST_ARGS ?= -ra -v --timeout=300 -p no:cacheprovider
 BENCH_ARGS  ?=
+SOAK_ARGS   ?=
 
 # What running gelf needs (python is python3, so the seed's `sudo python gelf.py` works), and
 # what the tests and the benchmark need on top: command to look for, and Debian package.
@@ -26,7 +30,7 @@ RUN_DEPS  := sudo:sudo python:python-is-python3 ip:iproute2 python3-venv:python3
 TEST_DEPS := $(RUN_DEPS) chromium:chromium iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump \
              openssl:openssl systemd-analyze:systemd nft:nftables
 
-.PHONY: setup venv sysdeps sysdeps-run install-deps run test bench clean
+.PHONY: setup venv sysdeps sysdeps-run install-deps run test bench soak clean
 
 setup: sysdeps-run venv
 
@@ -82,6 +86,9 @@ test: sysdeps $(VENV)/.test-installed
 
 bench: sysdeps venv
 	$(VPY) bench/bench.py $(BENCH_ARGS)
+
+soak: sysdeps venv
+	$(VPY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache *.egg-info build dist

@@ -19,8 +19,10 @@ Rows:
   relay        `gelf relay` between the two servers
   browser      headless Chromium on server1's page with ?peer=server2
   *-enc        the same with --key on both servers
+  wan          the WAN part, bench/wan.py: gelf and plain TCP over an emulated wide-area path
 
-Output: a Markdown table on stdout and in bench/results.md; logs of the last run in bench/tmp/.
+Output: Markdown tables on stdout and in bench/results.md (a run of only the LAN rows, or only
+`wan`, replaces only its own part of the file); logs of the last run in bench/tmp/.
 """
 
 import argparse
@@ -58,10 +60,12 @@ KEY = "000102030405060708090a0b0c0d0e0f"
 ADDR_A, ADDR_B = "10.90.0.1", "10.90.0.2"
 IPERF_PORT = 5201
 TAG = "gb%d" % (os.getpid() % 10000)  # prefix of interface names (at most 15 characters)
-BUDGET = 570  # seconds: rows that would start later are skipped, so the whole run stays < 10 min
+BUDGET = 570  # seconds: rows that would start later are skipped, so the LAN part stays < 10 min
 
 TAP_ROWS = ["R1", "R2", "direct", "direct-enc", "relay", "relay-enc", "browser", "browser-enc"]
 ALL_ROWS = ["R1", "R2", "R3"] + TAP_ROWS[2:] + ["pressure"]
+WAN = "wan"  # the WAN part (bench/wan.py): its own table, after the rows above
+WAN_HEADING = "## WAN"  # where the WAN part starts in RESULTS
 LABELS = {
     "R1": "R1 kernel veth",
     "R2": "R2 Python tap copier",
@@ -110,13 +114,14 @@ def free_port():
 class Proc:
     """A background process in its own session, output in a log file; stopped by its PID."""
 
-    def __init__(self, name, cmd, cwd=None):
+    def __init__(self, name, cmd, cwd=None, pass_fds=()):
         self.name = name
         self.path = LOGS / ("%s.log" % name)
         self._out = open(self.path, "wb")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._out,
-                                  stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True)
+                                  stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True,
+                                  pass_fds=pass_fds)
         self.pid = self.p.pid
 
     def text(self):
@@ -213,8 +218,8 @@ class Scope:
         self.netns = []
         self.dirs = []
 
-    def start(self, name, cmd, cwd=None):
-        proc = Proc(name, cmd, cwd)
+    def start(self, name, cmd, cwd=None, pass_fds=()):
+        proc = Proc(name, cmd, cwd, pass_fds)
         self.procs.append(proc)
         return proc
 
@@ -304,15 +309,15 @@ def ping_rtt(ns, addr, count, interval):
 _iperf_runs = itertools.count(1)
 
 
-def iperf(scope, ns_client, ns_server, args, seconds):
-    """One iperf3 test (fresh one-off server in ns_server); return the client's JSON."""
+def iperf(scope, ns_client, ns_server, args, seconds, addr=ADDR_B):
+    """One iperf3 test to addr (fresh one-off server in ns_server); return the client's JSON."""
     server = scope.start("iperf3-server-%d" % next(_iperf_runs),
-                         ["ip", "netns", "exec", ns_server, "iperf3", "-s", "-1", "-B", ADDR_B,
+                         ["ip", "netns", "exec", ns_server, "iperf3", "-s", "-1", "-B", addr,
                           "-p", str(IPERF_PORT), "--forceflush"])
     try:
         if not server.wait_line(r"Server listening", 10):
             raise RowFailed("iperf3 server did not start: %s" % server.tail())
-        cmd = ["ip", "netns", "exec", ns_client, "iperf3", "-c", ADDR_B, "-p", str(IPERF_PORT),
+        cmd = ["ip", "netns", "exec", ns_client, "iperf3", "-c", addr, "-p", str(IPERF_PORT),
                "-t", str(seconds), "-J", "--connect-timeout", "3000"] + args
         res = sh(cmd, timeout=seconds + 25, check=False)
         try:
@@ -345,8 +350,9 @@ def get_stats(port):
         return json.loads(r.read())
 
 
-def wait_links(port, kind, timeout=20, needs=()):
-    """Wait until server `port` has an open link (of `kind`, unless None), while `needs` live."""
+def wait_links(port, kind, timeout=20, needs=(), stats=get_stats):
+    """Wait until server `port` has an open link (of `kind`, unless None), while `needs` live.
+    `stats(port)` reads the server's /stats (port may be anything that function takes)."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
@@ -354,14 +360,14 @@ def wait_links(port, kind, timeout=20, needs=()):
             if not proc.alive():
                 raise RowFailed("%s exited (%s): %s" % (proc.name, proc.p.returncode, proc.tail()))
         try:
-            links = get_stats(port).get("links", [])
+            links = stats(port).get("links", [])
             last = [(l.get("kind"), l.get("state")) for l in links]
             if any(l.get("state") == "open" and (kind is None or l.get("kind") == kind) for l in links):
                 return
         except (OSError, ValueError) as err:
             last = str(err)
         time.sleep(0.2)
-    raise RowFailed("no open %s link on :%d after %ss (links: %s)" % (kind or "", port, timeout, last))
+    raise RowFailed("no open %s link on %s after %ss (links: %s)" % (kind or "", port, timeout, last))
 
 
 def browser_traffic(ports):
@@ -375,9 +381,19 @@ def browser_traffic(ports):
     return msgs, nbytes
 
 
-def start_chromium(scope, name, url):
+def start_chromium(scope, name, url, netns=None, devtools=None):
+    """Headless Chromium on url, in netns if given. devtools = (read fd, write fd) of two pipes:
+    Chromium then speaks the DevTools protocol on them (--remote-debugging-pipe: it reads
+    commands from its fd 3 and writes answers to its fd 4)."""
     cmd = [CHROMIUM] + CHROMIUM_ARGS + ["--user-data-dir=%s" % scope.tmpdir(), url]
-    proc = scope.start(name, cmd)
+    fds = ()
+    if devtools:
+        fds = tuple(devtools)
+        cmd = ["bash", "-c", 'exec "$0" "$@" 3<&%d 4>&%d %d<&- %d>&-' % (fds * 2),  # dash: fds < 10 only
+               CHROMIUM, "--remote-debugging-pipe"] + cmd[1:]
+    if netns:
+        cmd = ["ip", "netns", "exec", netns] + cmd
+    proc = scope.start(name, cmd, pass_fds=fds)
     proc.group = True  # Chromium forks helpers into its session: stop the whole group
     return proc
 
@@ -619,18 +635,7 @@ class Bench:
     # -- the table
 
     def report(self, rows, elapsed):
-        out = ["# gelf benchmark", ""]
-        out += ["- date: %s" % datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-                "- CPU: %s, %d cores; kernel %s" % (cpu_model(), os.cpu_count(), platform.release()),
-                "- gelf: commit %s" % git_commit(),
-                "- tools: Python %s, %s, %s" % (platform.python_version(), tool_version([CHROMIUM, "--version"]),
-                                                tool_version(["iperf3", "--version"])),
-                "- run: %s%.0f s; load average (1 min) before / after: %.2f / %.2f%s" % (
-                    "--quick, " if self.args.quick else "", elapsed, self.load[0], self.load[-1],
-                    # The bench loads the machine itself: only a load before it started says other work ran.
-                    " (other work was running before the start: figures may be pessimistic)"
-                    if self.load[0] > 0.5 else " (after: the bench's own load)"),
-                ""]
+        out = ["# gelf benchmark", ""] + header(self.args.quick, elapsed, self.load)
         tap_rows = [r for r in rows if r not in ("R3", "pressure")]
         if tap_rows:
             out += ["| row | TCP A→B Gbit/s | TCP B→A Gbit/s | ×R2 (A→B / B→A) | UDP loss %% @%s (rx Mbit/s) "
@@ -706,6 +711,21 @@ class Bench:
         return "| " + " | ".join(cells) + " |"
 
 
+def header(quick, elapsed, load):
+    """The lines that say where and how a run was made, for the top of a results section."""
+    return ["- date: %s" % datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+            "- CPU: %s, %d cores; kernel %s" % (cpu_model(), os.cpu_count(), platform.release()),
+            "- gelf: commit %s" % git_commit(),
+            "- tools: Python %s, %s, %s" % (platform.python_version(), tool_version([CHROMIUM, "--version"]),
+                                            tool_version(["iperf3", "--version"])),
+            "- run: %s%.0f s; load average (1 min) before / after: %.2f / %.2f%s" % (
+                "--quick, " if quick else "", elapsed, load[0], load[-1],
+                # The bench loads the machine itself: only a load before it started says other work ran.
+                " (other work was running before the start: figures may be pessimistic)"
+                if load[0] > 0.5 else " (after: the bench's own load)"),
+            ""]
+
+
 def cpu_model():
     try:
         with open("/proc/cpuinfo") as f:
@@ -744,26 +764,39 @@ def preflight(rows):
     for tool in ("ip", "ping", "iperf3"):
         if not shutil.which(tool):
             problems.append("needs '%s' (make sysdeps)" % tool)
-    if any(r.startswith("browser") or r == "R3" for r in rows) and not os.access(CHROMIUM, os.X_OK):
+    if any(r.startswith("browser") or r in ("R3", WAN) for r in rows) and not os.access(CHROMIUM, os.X_OK):
         problems.append("needs Chromium at %s (make sysdeps)" % CHROMIUM)
     return problems
 
 
+def write_results(lan, wan):
+    """Write RESULTS: the parts this run made, and the other part as the last run left it."""
+    old = RESULTS.read_text() if RESULTS.exists() else ""
+    old_lan, sep, old_wan = old.partition("\n" + WAN_HEADING)
+    lan = lan or old_lan.rstrip("\n")
+    wan = wan or (WAN_HEADING + old_wan if sep else "")
+    RESULTS.write_text("\n\n".join(part for part in (lan or "# gelf benchmark", wan) if part))
+
+
 def main(argv=None):
+    import wan as wan_bench  # bench/wan.py imports this module: import it only once this one is loaded
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short durations, for a smoke run (~2 min)")
+    parser.add_argument("--quick", action="store_true",
+                        help="short durations, for a smoke run (~2 min for the LAN rows, ~5 for the WAN part)")
     parser.add_argument("--only", nargs="+", metavar="ROW",
-                        help="run only these rows (space or comma separated): %s" % " ".join(ALL_ROWS))
+                        help="run only these rows (space or comma separated): %s" % " ".join(ALL_ROWS + [WAN]))
     parser.add_argument("--udp-rate", default="300M", help="iperf3 UDP offered rate (default: %(default)s)")
     parser.add_argument("--no-write", action="store_true", help="print the table but do not write %s" % RESULTS)
+    wan_bench.add_arguments(parser)
     args = parser.parse_args(argv)
-    rows = ALL_ROWS
+    rows = ALL_ROWS + [WAN]
     if args.only:
         wanted = [w for arg in args.only for w in arg.split(",") if w]
-        unknown = [w for w in wanted if w not in ALL_ROWS]
+        unknown = [w for w in wanted if w not in rows]
         if unknown:
-            parser.error("unknown row(s) %s; rows are: %s" % (", ".join(unknown), " ".join(ALL_ROWS)))
-        rows = [r for r in ALL_ROWS if r in wanted]
+            parser.error("unknown row(s) %s; rows are: %s" % (", ".join(unknown), " ".join(rows)))
+        rows = [r for r in rows if r in wanted]
     problems = preflight(rows)
     if problems:
         for p in problems:
@@ -772,6 +805,28 @@ def main(argv=None):
 
     shutil.rmtree(LOGS, ignore_errors=True)
     LOGS.mkdir(parents=True)
+    install_signal_handlers()
+    lan_rows = [r for r in rows if r != WAN]
+    lan = wan = None
+    try:
+        if lan_rows:
+            bench = Bench(args)
+            lan = bench.report(lan_rows, bench.run(lan_rows))
+            print(lan, flush=True)
+        if WAN in rows:
+            wan = wan_bench.run(args)
+            print(("\n" if lan else "") + wan, flush=True)
+    except (KeyboardInterrupt, Interrupted):
+        log("interrupted: cleaned up")
+        return 130
+    if not args.no_write:
+        write_results(lan, wan)
+        log("wrote %s (logs in %s)" % (RESULTS.relative_to(REPO), LOGS.relative_to(REPO)))
+    return 0
+
+
+def install_signal_handlers():
+    """SIGINT and SIGTERM raise Interrupted, which unwinds through every finally (the cleanup)."""
 
     def on_signal(signum, frame):
         # once: the cleanup that follows (every finally) must not be interrupted in turn
@@ -781,19 +836,8 @@ def main(argv=None):
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    bench = Bench(args)
-    try:
-        elapsed = bench.run(rows)
-    except (KeyboardInterrupt, Interrupted):
-        log("interrupted: cleaned up")
-        return 130
-    table = bench.report(rows, elapsed)
-    print(table)
-    if not args.no_write:
-        RESULTS.write_text(table)
-        log("wrote %s (logs in %s)" % (RESULTS.relative_to(REPO), LOGS.relative_to(REPO)))
-    return 0
 
 
 if __name__ == "__main__":
+    sys.modules.setdefault("bench", sys.modules[__name__])  # one module, also for bench/wan.py's import
     sys.exit(main())
