@@ -309,14 +309,20 @@ def ping_rtt(ns, addr, count, interval):
 _iperf_runs = itertools.count(1)
 
 
+def iperf_server(scope, ns, addr):
+    """A one-off iperf3 server on addr in ns, listening."""
+    server = scope.start("iperf3-server-%d" % next(_iperf_runs),
+                         ["ip", "netns", "exec", ns, "iperf3", "-s", "-1", "-B", addr,
+                          "-p", str(IPERF_PORT), "--forceflush"])
+    if not server.wait_line(r"Server listening", 10):
+        raise RowFailed("iperf3 server did not start: %s" % server.tail())
+    return server
+
+
 def iperf(scope, ns_client, ns_server, args, seconds, addr=ADDR_B):
     """One iperf3 test to addr (fresh one-off server in ns_server); return the client's JSON."""
-    server = scope.start("iperf3-server-%d" % next(_iperf_runs),
-                         ["ip", "netns", "exec", ns_server, "iperf3", "-s", "-1", "-B", addr,
-                          "-p", str(IPERF_PORT), "--forceflush"])
+    server = iperf_server(scope, ns_server, addr)
     try:
-        if not server.wait_line(r"Server listening", 10):
-            raise RowFailed("iperf3 server did not start: %s" % server.tail())
         cmd = ["ip", "netns", "exec", ns_client, "iperf3", "-c", addr, "-p", str(IPERF_PORT),
                "-t", str(seconds), "-J", "--connect-timeout", "3000"] + args
         res = sh(cmd, timeout=seconds + 25, check=False)

@@ -22,6 +22,7 @@ Output: a Markdown section on stdout and in bench/soak.md; logs in bench/tmp/.
 """
 
 import argparse
+import collections
 import json
 import os
 import re
@@ -91,13 +92,6 @@ def rss_mb(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def link_kinds(links):
-    kinds = {}
-    for link in links:
-        kinds[link.get("kind")] = kinds.get(link.get("kind"), 0) + 1
-    return kinds
 
 
 class Soak:
@@ -177,10 +171,7 @@ class Soak:
                                             gelf_url("b"), gelf_url("c")], cwd=REPO)
 
     def start_iperf(self, scope, ns_client, ns_server, addr, seconds):
-        server = scope.start("iperf3-server-%s" % addr, ["ip", "netns", "exec", ns_server, "iperf3", "-s", "-1",
-                                                         "-B", addr, "-p", str(bench.IPERF_PORT), "--forceflush"])
-        if not server.wait_line(r"Server listening", 10):
-            raise RowFailed("iperf3 server did not start: %s" % server.tail())
+        bench.iperf_server(scope, ns_server, addr)
         return scope.start("iperf3-%s" % addr, ["ip", "netns", "exec", ns_client, "iperf3", "-c", addr,
                                                 "-p", str(bench.IPERF_PORT), "--bidir", "-b", self.args.rate,
                                                 "-t", str(seconds), "-J", "--connect-timeout", "5000"])
@@ -232,7 +223,7 @@ class Soak:
             checks.append(("RSS of %s flat: %.1f → %.1f MB (× %.2f)" % (h.upper(), a, b, b / a), b <= a * 1.2))
         for h in hosts:
             links = self.final[h]
-            kinds = link_kinds(links)
+            kinds = dict(collections.Counter(link.get("kind") for link in links))
             opened = all(l.get("state") == "open" for l in links)
             checks.append(("links of %s at the end: %s" % (h.upper(), ", ".join(
                 "%s %d" % kv for kv in sorted(kinds.items())) or "none"), kinds == EXPECTED[h] and opened))

@@ -178,6 +178,16 @@ def ping_replies(proc):
     return [(float(t), int(s), float(r)) for t, s, r in PING_LINE.findall(proc.text())]
 
 
+def ping_times(proc):
+    """Unix times at which a ping_cmd process got its replies."""
+    return [t for t, _, _ in ping_replies(proc)]
+
+
+def tcpping_times(proc):
+    """Unix times at which a `tcpping.py ping` process got its echoes."""
+    return [float(t) for t in re.findall(r"^(\d+\.\d+) \d+$", proc.text(), re.M)]
+
+
 def wait_exit(proc, timeout):
     """Give proc up to timeout seconds to end by itself (the caller stops it in any case)."""
     try:
@@ -289,13 +299,13 @@ class WanBench:
         time.sleep(1)
         idle = bench.ping_rtt(ns_a, target, self.idle_pings, 0.1)
         warm = 4  # the bulk transfer's slow start is over by then
-        pinger = scope.start("ping-loaded", ping_cmd(ns_a, target, int((self.load_s - warm - 1) / 0.1), 0.1, warm))
+        sent = int((self.load_s - warm - 1) / 0.1)
+        pinger = scope.start("ping-loaded", ping_cmd(ns_a, target, sent, 0.1, warm))
         try:
             data = bench.iperf(scope, ns_a, self.wan.ns["b"], [], self.load_s, addr=target)
             wait_exit(pinger, 15)
         finally:
             pinger.stop()
-        sent = int((self.load_s - warm - 1) / 0.1)
         rtts = sorted(r for _, _, r in ping_replies(pinger))
         if not rtts:
             raise RowFailed("no ping replies during the bulk transfer")
@@ -312,8 +322,7 @@ class WanBench:
         span = before + OUTAGE + recover + after
         if servers:
             probe = scope.start("ping-flap", ping_cmd(ns_a, target, int(span / 0.1), 0.1))
-            replies = lambda: [t for t, _, _ in ping_replies(probe)]  # noqa: E731
-            port = GELF_PORT
+            times, port = ping_times, GELF_PORT
         else:
             echo = scope.start("tcpping-echo", ["ip", "netns", "exec", wan.ns["b"], PYTHON,
                                                 str(BENCH / "tcpping.py"), "echo", target, str(ECHO_PORT)])
@@ -321,12 +330,10 @@ class WanBench:
                 raise RowFailed("tcpping echo did not start: %s" % echo.tail())
             probe = scope.start("tcpping", ["ip", "netns", "exec", ns_a, PYTHON, str(BENCH / "tcpping.py"),
                                             "ping", target, str(ECHO_PORT), "0.1", str(span)])
-            replies = lambda: [float(line.split()[0]) for line in probe.text().splitlines()  # noqa: E731
-                               if re.match(r"^\d+\.\d+ \d+$", line)]
-            port = ECHO_PORT
+            times, port = tcpping_times, ECHO_PORT
         try:
             time.sleep(before)
-            if not replies():
+            if not times(probe):
                 raise RowFailed("no replies before the cut: %s" % probe.tail())
             logs = {name: len(proc.text()) for name, proc in servers.items()}
             syn0 = wan.syns(port)
@@ -339,7 +346,7 @@ class WanBench:
             back = None
             deadline = time.monotonic() + recover
             while time.monotonic() < deadline:
-                later = [t for t in replies() if t > up]
+                later = [t for t in times(probe) if t > up]
                 if later:
                     back = min(later) - up
                     break
