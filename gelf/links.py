@@ -13,6 +13,16 @@ writes it when it is writable, and keeps the time. The rules (docs/design.md, "T
   written by two threads at once), so its messages always go through the queue.
 - The queue is bounded in messages and bytes. A full queue drops for that link alone
   (`queue_full`); a peer that takes nothing for `stall` seconds is closed by the loop.
+- Latency under load: a link's bytes wait in its queue and in its socket, so both are kept
+  short. The socket holds little TCP has not sent (loop.NOTSENT_LOWAT), and a data message
+  that waited in the queue longer than QUEUE_DELAY while a standing queue (QUEUE_DELAY_FLOOR
+  bytes or more) built up behind it is dropped when its turn comes (`queue_delay`): the TCP
+  inside the tunnel sees the loss and slows down, instead of filling the queue to its bound.
+  A lone message held up by a busy machine is never dropped so. On a 20 Mbit/s, 40 ms path
+  (bench/wan.py) a ping inside the tunnel during a bulk transfer took 611-646 ms (median)
+  without these bounds and 60-77 ms with them; either bound alone only moves the standing
+  queue into the other (328-340 ms, 197-222 ms). The price: a path that holds more than 20 ms
+  of data (100 Mbit/s, 50 ms) carries 59-84 Mbit/s of TCP through the tunnel instead of 84-95.
 - Every byte leaves through the same ordered path: data frames and the protocol's own frames
   (pong, Close) in the order they were queued, and no data frame after our Close.
 """
@@ -37,7 +47,9 @@ QUEUE_MESSAGES = 256
 QUEUE_BYTES = 1 << 20
 QUEUE_BYTES_MIN = 64 * 1024
 QUEUE_BUDGET = 64 << 20
-WRITE_BATCH = 256 * 1024  # bytes joined into one write
+QUEUE_DELAY = 0.020  # seconds a data message may wait in a standing queue (None: no limit)
+QUEUE_DELAY_FLOOR = 16 * 1024  # queued bytes below which nothing is dropped for its delay
+WRITE_BATCH = 64 * 1024  # bytes joined into one write (what waits in a batch is not in the queue)
 RECV_SIZE = 256 * 1024
 READ_BUDGET = 1 << 20  # bytes read from one TLS socket per wake-up, so one peer cannot hog the loop
 
@@ -69,11 +81,12 @@ class Link:
         self.tls = False
         self.loop = None  # the LinkLoop that owns the socket while connected
         self._lock = threading.Lock()
-        self._queue = collections.deque()
+        self._queue = collections.deque()  # (time queued, message or _Framed)
         self._queued = 0  # bytes in _queue (messages and control frames)
         self._head = None  # memoryview: framed bytes being written
         self._closing = False  # our Close is queued: no more data
         self._dropped = 0  # queue_full drops not yet counted in self.drops (see count_drops)
+        self._late = 0  # queue_delay drops, likewise
         self.queue_bytes = QUEUE_BYTES  # this link's share of the budget (LinkSet sets it)
         self._writing = False  # the loop watches the socket for writability
         now = time.monotonic()
@@ -95,12 +108,12 @@ class Link:
                 if len(self._queue) >= QUEUE_MESSAGES or self._queued >= self.queue_bytes:
                     self._dropped += 1  # under the link's lock only: a stuck link costs little
                     return
-                self._queue.append(message)
+                self._queue.append((time.monotonic(), message))
                 self._queued += len(message)
                 return
             self.progress = time.monotonic()  # from now on, something waits for the peer
             if self.tls:
-                self._queue.append(message)
+                self._queue.append((time.monotonic(), message))
                 self._queued += len(message)
             else:
                 self.tx.add(len(message))
@@ -172,7 +185,7 @@ class Link:
                     self._send_now(data)
                     self._want_write()
                     return
-            self._queue.append(_Framed(data))
+            self._queue.append((time.monotonic(), _Framed(data)))
             self._queued += len(data)
             self._want_write()
 
@@ -206,14 +219,21 @@ class Link:
             return True
 
     def _batch(self, ws):
-        """Frames for up to WRITE_BATCH bytes of queued items, joined for one system call."""
+        """Frames for up to WRITE_BATCH bytes of queued items, joined for one system call. A data
+        message that waited longer than QUEUE_DELAY in a standing queue is dropped instead
+        (control frames never are)."""
         parts, size = [], 0
         queue = self._queue
+        stale = time.monotonic() - QUEUE_DELAY if QUEUE_DELAY is not None else None
         while queue and size < WRITE_BATCH:
-            item = queue.popleft()
+            queued, item = queue.popleft()
+            standing = self._queued >= QUEUE_DELAY_FLOOR
             self._queued -= len(item)
             if isinstance(item, _Framed):
                 parts.append(item)
+            elif stale is not None and queued < stale and standing:
+                self._late += 1
+                continue
             else:
                 self.tx.add(len(item))
                 parts.append(ws.send_binary(item))
@@ -268,14 +288,16 @@ class Link:
             self.send_control(out, closing=ws.close_sent)
 
     def count_drops(self):
-        """Move the queue_full drops counted under the link's lock into its Drops (and the
+        """Move the queue_full and queue_delay drops counted under the link's lock into its Drops (and the
         server's): the loop does so every tick, so /stats is at most that late. Counting each
         into Drops at once took two more locks per message and link, one of them shared by
         every thread: with many stuck links, that was the hub's main cost."""
         with self._lock:
-            dropped, self._dropped = self._dropped, 0
+            dropped, late, self._dropped, self._late = self._dropped, self._late, 0, 0
         if dropped:
             self.drops.add("queue_full", dropped)
+        if late:
+            self.drops.add("queue_delay", late)
 
     def waiting(self):
         """True while frames wait to be written."""

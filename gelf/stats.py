@@ -3,7 +3,7 @@
 import threading
 
 DROP_REASONS = ("text", "empty", "oversize", "malformed", "unknown_type", "auth", "not_sealed", "no_key",
-                "replay", "loop", "forbidden", "offload", "queue_full", "tap_write")
+                "replay", "loop", "forbidden", "offload", "queue_full", "queue_delay", "tap_write")
 
 
 class Drops:

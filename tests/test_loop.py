@@ -16,6 +16,7 @@ import pytest
 import helpers
 
 from gelf.fastws import CloseCode, Connection, Event
+from gelf import links, loop as link_loop
 from gelf.links import QUEUE_BYTES, QUEUE_MESSAGES, Link
 from gelf.loop import LinkLoop
 from gelf.stats import Drops
@@ -102,7 +103,8 @@ def wait(pred, what, timeout=WAIT):
         time.sleep(0.01)
 
 
-def test_every_message_arrives_once_in_order_from_many_threads(loop):
+def test_every_message_arrives_once_in_order_from_many_threads(loop, monkeypatch):
+    monkeypatch.setattr(links, "QUEUE_DELAY", None)  # about order: a busy machine's delays are no drop here
     link, peer, _ = attach(loop())
     per_thread, threads, sizes = 400, 4, [60, 1514, 9000, 70000]
 
@@ -303,3 +305,51 @@ def test_links_share_one_queue_budget():
     for link in many:
         links.remove(link)
     assert {link.queue_bytes for link in few} == {QUEUE_BYTES}
+
+
+def _fill_socket(link, peer, ours):
+    """Make the link's socket full, so that what is offered next waits in its queue."""
+    peer.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    while not link.waiting():
+        link.offer(b"f" * 65536)
+
+
+def test_a_message_late_in_a_standing_queue_is_dropped_not_sent(loop, monkeypatch):
+    monkeypatch.setattr(links, "QUEUE_DELAY", 1.0)  # long, so a busy machine cannot make "new" late
+    link, peer, ours = attach(loop())
+    _fill_socket(link, peer, ours)
+    link.offer(b"old")
+    for _ in range(4):  # a standing queue behind it: the peer reads nothing meanwhile
+        link.offer(b"s" * 8192)
+    time.sleep(1.5)  # longer than the bound
+    link.offer(b"new")
+    peer.read_until(lambda ev: b"new" in peer.messages())
+    link.count_drops()
+    assert b"old" not in peer.messages()
+    assert link.drops.snapshot()["queue_delay"] >= 1 and link.drops.snapshot()["queue_full"] == 0
+
+
+def test_a_lone_late_message_is_sent_a_busy_machine_is_no_standing_queue(loop, monkeypatch):
+    monkeypatch.setattr(links, "QUEUE_DELAY", 0.1)
+    link, peer, ours = attach(loop())
+    _fill_socket(link, peer, ours)
+    link.offer(b"lonely")  # waits far longer than the bound, but nothing stands behind it
+    time.sleep(1.0)
+    peer.read_until(lambda ev: b"lonely" in peer.messages())
+    link.count_drops()
+    assert link.drops.snapshot()["queue_delay"] == 0
+
+
+def test_link_sockets_get_the_latency_options(loop):
+    lp = loop()
+    with socket.create_server(("127.0.0.1", 0)) as server, socket.create_connection(server.getsockname()):
+        ours, _ = server.accept()
+        link = RecordingLink()
+        lp.attach(link, ours, Connection(client=False, max_message=1 << 20))
+        wait(lambda: link.opens == 1, "the link to open")
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert ours.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == link_loop.NOTSENT_LOWAT
+        release = tuple(int(n) for n in os.uname().release.split(".")[:2] if n.isdigit())
+        if release >= (6, 15):  # the option exists from Linux 6.15 on; older kernels keep their default
+            assert ours.getsockopt(socket.IPPROTO_TCP, link_loop.TCP_RTO_MAX_MS) == link_loop.RTO_MAX_MS
