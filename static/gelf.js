@@ -9,7 +9,15 @@
   const RETRY_MIN_MS = 1000;
   const RETRY_MAX_MS = 30000;
   const CONNECT_TIMEOUT_MS = 10000;   // give up on a socket stuck in CONNECTING
-  const MAX_BUFFERED = 8 * 1024 * 1024; // a peer this far behind drops messages instead
+  // What a peer's socket may have waiting in the browser before the page drops messages for it:
+  // what it drains in BUFFER_DELAY_MS (its rate measured while it had a backlog), within
+  // [MIN_BUFFERED, MAX_BUFFERED]. A fixed 8 MiB held 0.65 s on a loaded 20 Mbit/s path, where
+  // the servers' own queues keep 20 ms (gelf/links.py): the TCP inside the tunnel must see a
+  // drop to slow down. On a LAN the rate is high and the bound stays megabytes.
+  const MIN_BUFFERED = 64 * 1024;
+  const MAX_BUFFERED = 8 * 1024 * 1024;
+  const BUFFER_DELAY_MS = 20;
+  const RATE_PERIOD_MS = 100;  // how often a backlogged peer's drain rate is measured
   const UI_INTERVAL_MS = 500;
 
   const secure = location.protocol === "https:";
@@ -444,6 +452,9 @@
       this.rxBad = 0;      // binary messages dropped: shorter than a header or not version 1
       this.rxDup = 0;      // messages dropped: (origin, seq) already relayed or too old
       this.txDropped = 0;  // messages not sent because this socket was too far behind
+      this.sendLimit = MAX_BUFFERED;  // bytes bufferedAmount may reach (see MIN_BUFFERED)
+      this._rateAt = 0;     // when the drain rate was last measured
+      this._drainedAt = 0;  // bytes the socket had drained then (txBytes - bufferedAmount)
       this.attempts = 0;
       this.retryDelay = RETRY_MIN_MS;
       this.retryAt = 0;
@@ -533,6 +544,8 @@
         this.retryDelay = RETRY_MIN_MS;
         this.attempts = 0;
         this.problem = "";
+        this.sendLimit = MAX_BUFFERED;
+        this._rateAt = 0;
         this._probeId++;
         openLinks.push(this);
         this._startStats();
@@ -553,10 +566,14 @@
           this.rxDup++;
           return;
         }
+        const now = performance.now();
         for (let i = 0; i < openLinks.length; i++) {
           const peer = openLinks[i];
           if (peer === this) continue;
-          if (peer.ws.bufferedAmount > MAX_BUFFERED) { peer.txDropped++; continue; }
+          const buffered = peer.ws.bufferedAmount;
+          if (buffered > 0 && now - peer._rateAt >= RATE_PERIOD_MS) peer._measure(now, buffered);
+          else if (buffered === 0) { peer._rateAt = now; peer._drainedAt = peer.txBytes; }  // no backlog yet
+          if (buffered > peer.sendLimit) { peer.txDropped++; continue; }
           peer.ws.send(data);
           peer.txFrames++;
           peer.txBytes += n;
@@ -603,6 +620,18 @@
     }
 
     // ---- /stats: timers and fetches, never on the relay path; one request in flight at most.
+
+    // A backlogged socket's drain rate over the last period, and from it the bound on what may
+    // wait in it (the socket had a backlog all along: the mark moves while it has none).
+    _measure(now, buffered) {
+      const drained = this.txBytes - buffered;
+      if (this._rateAt > 0) {
+        const perMs = (drained - this._drainedAt) / (now - this._rateAt);
+        this.sendLimit = Math.min(MAX_BUFFERED, Math.max(MIN_BUFFERED, perMs * BUFFER_DELAY_MS));
+      }
+      this._rateAt = now;
+      this._drainedAt = drained;
+    }
 
     _startStats() {
       this._stopStats();

@@ -390,3 +390,47 @@ def test_a_reload_of_a_page_from_a_server_with_a_token(gelf_server, open_page):
     page.reload()  # the page took its token out of the address bar: GET / is served without it
     all_open(page, 2)
     assert_no_token(page, own, peer)
+
+
+# ---------------------------------------------------------------- a peer that drains slowly
+
+# Replaces the browser's bufferedAmount of chosen sockets with a figure the test sets: it grows
+# by what the page sends and never drains, as for a peer behind a slow path.
+HELD_BUFFER = """
+(() => {
+  const Real = WebSocket;
+  window.__sockets = [];
+  window.WebSocket = class extends Real {
+    constructor(...args) { super(...args); this.__held = null; window.__sockets.push(this); }
+    get bufferedAmount() { return this.__held === null ? super.bufferedAmount : this.__held; }
+    send(data) { if (this.__held !== null) this.__held += data.byteLength; return super.send(data); }
+  };
+})();
+"""
+
+
+def test_a_peer_that_drains_slowly_loses_messages_instead_of_queueing_them(gelf_server, ns_addr, browser):
+    """The page measures how fast each socket drains and lets only ~20 ms of it wait in the
+    browser (at least 64 KiB): a peer whose 300 KB never drain gets drops (`txDropped`), where a
+    fixed 8 MiB bound let a slow path's ping wait for 0.65 s. Once it drains again, it gets
+    everything."""
+    (s1, s2), (ns1, ns2) = pair(gelf_server, ns_addr)
+    ctx = browser.new_context()
+    try:
+        ctx.add_init_script(HELD_BUFFER)
+        page = ctx.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(f"{s1.url}/?peer=127.0.0.1:{s2.port}")
+        wait_link_state(page, s1.port, "open")
+        wait_link_state(page, s2.port, "open")
+        assert_pings(ns1, ADDR[1], count=5)
+        held = f"__sockets.filter(w => w.url.includes(':{s2.port}/'))"
+        assert page.evaluate(f"{held}.length") == 1
+        page.evaluate(f"{held}.forEach(w => {{ w.__held = 300000; }})")
+        loss, out = helpers.ping(ns1, ADDR[1], count=10, interval=0.2, wait=2)
+        dropped = page.evaluate(f"gelfRelay.stats().find(l => l.url.includes(':{s2.port}')).txDropped")
+        assert dropped > 0 and loss > 0, (dropped, out)
+        page.evaluate(f"{held}.forEach(w => {{ w.__held = null; }})")  # drains again: the real figure
+        assert_pings(ns1, ADDR[1], count=10)
+    finally:
+        ctx.close()
