@@ -5,7 +5,8 @@
 #   make venv     create .venv and install gelf (pip install -e .); remakes a half-made .venv
 #   make sysdeps  install the system tools gelf and its tests use (Debian, as root)
 #   make test     set up everything the tests need, then run them (root; Chromium for most)
-#   make bench    run the benchmark (root, < 20 min): LAN rows (~5 min), then the WAN part (~8 min);
+#   make bench    run the benchmark (root, < 20 min): LAN rows and the pressure part (~10 min), then
+#                 the WAN part (~7 min);
 #                 tables on stdout and in bench/results.md (BENCH_ARGS=--quick for a smoke run,
 #                 BENCH_ARGS="--only R1 direct" for some LAN rows, BENCH_ARGS="--only wan" for the WAN part)
 #   make soak     10 minutes of traffic with page reloads and relay restarts (root): RSS, links, log
