@@ -200,12 +200,17 @@ def group_cpu_seconds(pgid):
     return total
 
 
-def peak_rss_mb(pid):
+def status_mb(pid, field):
+    """A memory figure of /proc/PID/status (VmRSS, VmHWM...) in MB; NaN if it is not there."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def peak_rss_mb(pid):
+    return status_mb(pid, "VmHWM")
 
 
 # ---------------------------------------------------------------- scope: what one row created

@@ -87,11 +87,7 @@ class DevTools:
 
 
 def rss_mb(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+    return bench.status_mb(pid, "VmRSS")
 
 
 class Soak:
