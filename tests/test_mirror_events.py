@@ -3,7 +3,6 @@ encoder, and garbage: nothing but events.EventError ever comes out of decoding."
 
 import io
 import re
-import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st

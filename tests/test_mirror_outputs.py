@@ -10,7 +10,6 @@ import pytest
 
 from gelf.mirror import events
 from gelf.mirror.dispatch import Dispatcher
-from gelf.mirror.events import Kind
 from gelf.mirror.outputs import lookup
 from gelf.mirror.outputs.tcp import Output as TcpOutput
 from mirror_helpers import Sink, connection, interleave, port_in, wait_for

@@ -81,6 +81,7 @@ class Output(Base):
         self._replays = {}  # conn -> Replay (output thread only)
         self._delay = retry_min
         self._retry_at = 0.0
+        self._which = 0  # which of the host's addresses new connections go to (the next after a failure)
         self.up = None  # None until the first connection tells
         self._stopping = None  # the time by which close() gives up
         self._thread = threading.Thread(target=self._run, name="gelf-mirror-tcp", daemon=True)
@@ -117,7 +118,7 @@ class Output(Base):
 
     def _run(self):
         try:
-            addr = self._resolve()
+            addrs = self._resolve()
             next_tick = time.monotonic() + TICK
             while not self._done():
                 for key, mask in self._selector.select(TICK):
@@ -127,7 +128,7 @@ class Output(Base):
                         self._service(key.data, mask)
                 events, abandoned = self.backlog.take()
                 for event in events:
-                    self._handle(event, addr)
+                    self._handle(event, addrs)
                 for conn in abandoned:  # after the events: an OPEN may be among them
                     replay = self._replays.get(conn)
                     if replay is not None:
@@ -157,7 +158,7 @@ class Output(Base):
         except socket.gaierror as err:
             log.warning("upstream %s: cannot resolve %s: %s", self.name, self.host, err.strerror)
             return None
-        return infos[0][0], infos[0][4]
+        return [(info[0], info[4]) for info in infos]
 
     def _drain_wake(self):
         try:
@@ -166,7 +167,7 @@ class Output(Base):
         except BlockingIOError:
             pass
 
-    def _handle(self, event, addr):
+    def _handle(self, event, addrs):
         """One event from capture: start, feed or close a replayed connection."""
         replay = self._replays.get(event.conn)
         if event.kind == Kind.DATA:
@@ -189,11 +190,12 @@ class Output(Base):
         if replay is not None:  # a second OPEN: the first connection's CLOSE never came
             self._finish(replay, abort=True)
         now = time.monotonic()
-        if addr is None or now < self._retry_at:
+        if not addrs or now < self._retry_at:
             self.backlog.lose(event.conn, "upstream_down")
-            if addr is None:
+            if not addrs:
                 self._retry_at = now + self._backoff()
             return
+        addr = addrs[self._which % len(addrs)]
         sock = socket.socket(addr[0], socket.SOCK_STREAM)
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -276,6 +278,7 @@ class Output(Base):
         self._watch(replay, (0 if replay.eof else _READ) | (_WRITE if out else 0))
 
     def _connect_failed(self, replay, why):
+        self._which += 1  # a name with several addresses (localhost: ::1, 127.0.0.1): try the next
         delay = self._backoff()
         self._retry_at = time.monotonic() + delay
         if self.up is not False:
