@@ -16,7 +16,7 @@ from gelf import fastws, wire
 from gelf.mirror import events
 from gelf.mirror.dispatch import Dispatcher
 from gelf.mirror.outputs.relay import Output as RelayOutput
-from helpers import PYTHON, REPO, LogPump
+from helpers import PYTHON, REPO, LogPump, make_certificate
 from mirror_helpers import Sink, connection, interleave, port_in, wait_for
 
 LOW, HIGH = 18130, 18169
@@ -221,3 +221,39 @@ def test_chained_relays_found_by_probe_and_a_direct_plain_server(procs, sinks, t
     assert delivered(near, 5) == sorted(wanted)
     text = capture.pump.text()
     assert "is a gelf-mirror relay" in text and "is a plain server" in text
+
+
+def test_tls_relay_found_by_probe_with_cacert_key_and_token(procs, sinks, tmp_path):
+    """A relay serving wss (--ssl-cert) behind --token and --key; capture writes it host:port and
+    the probe finds a TLS relay (gelf's 400 for plain HTTP on a TLS port), then dials wss://."""
+    cert, key = make_certificate(tmp_path)
+    sink = sinks(reply=HTTP_OK)
+    secret = key_file(tmp_path)
+    token = key_file(tmp_path, "t0ken-value", "token")
+    port, relay = start_relay(procs, "tcp://127.0.0.1:%d" % sink.port, "--ssl-cert", cert, "--ssl-key", key,
+                              "--key-file", secret, "--token-file", token)
+    recording = str(tmp_path / "rec.gelfmir")
+    with open(recording, "wb") as handle:
+        events.write_header(handle)
+        wanted = [b"GET /tls/%d HTTP/1.1\r\n\r\n" % i for i in range(3)]
+        for i, data in enumerate(wanted):
+            handle.write(events.encode_all(connection([data], ts=50.0 + i * 0.01)[1]))
+    capture = procs.start("--replay", recording, "-u", "127.0.0.1:%d" % port, "--cacert", cert,
+                          "--key-file", secret, "--token-file", token, ready=None)
+    assert capture.wait(60) == 0, capture.pump.text()
+    assert delivered(sink, 3) == sorted(wanted)
+    assert "sending to relay:wss://127.0.0.1:%d/ws" % port in capture.pump.text()
+    assert "t0ken-value" not in capture.pump.text() + relay.pump.text()
+
+
+def test_relay_output_loses_while_relay_is_down_and_recovers(procs, sinks, outputs):
+    sink = sinks(reply=HTTP_OK)
+    port = port_in(LOW, HIGH)
+    output = outputs("ws://127.0.0.1:%d/ws" % port)  # nothing listens there yet
+    dispatcher = Dispatcher([output])
+    mirror_traffic(dispatcher, n=3)
+    wait_for(lambda: output.stats()["upstream_down"] == 3, 20, what="connections lost while the relay is down")
+    procs.start("-r", "-p", port, "-u", "tcp://127.0.0.1:%d" % sink.port)
+    wait_for(lambda: output.stats()["up"], 40, what="the link to come up (DialLink's backoff)")
+    wanted = mirror_traffic(dispatcher, n=3)
+    assert delivered(sink, 3) == sorted(wanted)
