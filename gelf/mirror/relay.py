@@ -39,6 +39,7 @@ EXPLAIN = {
     "unknown_type": "it is a gelf (Ethernet) client, not gelf-mirror: this port takes mirror streams only",
     "replay": "it repeats messages already received (a replay)",
 }
+MAX_CONNS = 100_000  # open connections one link may stream (reassembly.MAX_STREAMS on its side)
 MIRROR_HEADER = "X-Gelf-Mirror"  # on every answer of a relay: what capture's probe looks for (probe.py)
 
 
@@ -85,6 +86,9 @@ class MirrorRelay:
                 if event.kind == Kind.OPEN:
                     if event.conn in ids:  # an OPEN again: end the first one
                         self.dispatcher.dispatch(events.close_event(ids[event.conn], time.time(), "shutdown"))
+                    elif len(ids) >= MAX_CONNS:
+                        link.drops.add("malformed")  # capture's reassembler never holds this many
+                        continue
                     ids[event.conn] = next(self._ids)
                 ours = ids.get(event.conn)
                 if ours is None:

@@ -24,14 +24,13 @@ import urllib.parse
 from typing import NamedTuple
 
 from gelf import __version__, httphead
-from gelf.mirror.outputs import Counts, Output as Base, lookup
+from gelf.mirror.outputs import RETRY_MAX, RETRY_MIN, Counts, Output as Base, hostport, lookup
 
 log = logging.getLogger("gelf.mirror.upstreams")
 
 DEFAULT_PORT = 80
 SCHEMES = ("auto", "tcp", "relay", "ws", "wss")
 PROBE_TIMEOUT = 3.0
-RETRY_MIN, RETRY_MAX = 0.5, 30.0
 
 
 class Upstream(NamedTuple):
@@ -40,7 +39,7 @@ class Upstream(NamedTuple):
     port: int
 
     def hostport(self):
-        return "[%s]:%d" % (self.host, self.port) if ":" in self.host else "%s:%d" % (self.host, self.port)
+        return hostport(self.host, self.port)
 
     def __str__(self):
         return ("" if self.scheme == "auto" else self.scheme + "://") + self.hostport()

@@ -14,7 +14,9 @@ Other outputs are not affected.
 
 import collections
 import importlib
+import logging
 import threading
+import time
 
 SCHEMES = {"tcp": "gelf.mirror.outputs.tcp", "relay": "gelf.mirror.outputs.relay",
            "file": "gelf.mirror.outputs.file"}
@@ -22,6 +24,14 @@ SCHEMES = {"tcp": "gelf.mirror.outputs.tcp", "relay": "gelf.mirror.outputs.relay
 QUEUE_EVENTS = 65536
 QUEUE_BYTES = 32 << 20  # per output: what a slow upstream may hold before it loses connections
 MAX_LOST = 65536  # lost connections remembered (the oldest is forgotten: its CLOSE came long ago)
+RETRY_MIN = 0.5  # seconds before a dead upstream is tried again, doubling up to RETRY_MAX
+RETRY_MAX = 30.0
+
+log = logging.getLogger("gelf.mirror.outputs")
+
+
+def hostport(host, port):
+    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 def lookup(scheme):
@@ -121,6 +131,35 @@ class Backlog:
 
     def queued_bytes(self):
         return self._bytes
+
+
+class Health:
+    """Whether an upstream answers, and when a dead one is tried again (RETRY_MIN doubling to
+    RETRY_MAX). Each change is said once in the log, not every failed try."""
+
+    def __init__(self, name, retry_min=RETRY_MIN, retry_max=RETRY_MAX):
+        self.name = name
+        self.retry_min, self.retry_max = retry_min, retry_max
+        self.up = None  # None until the first try tells
+        self.retry_at = 0.0
+        self._delay = retry_min
+
+    def may_try(self, now):
+        return now >= self.retry_at
+
+    def failed(self, why):
+        delay, self._delay = self._delay, min(self._delay * 2, self.retry_max)
+        self.retry_at = time.monotonic() + delay
+        if self.up is not False:
+            log.warning("upstream %s is down (%s): its connections are lost until it answers; trying "
+                        "again in %.1f s, then less and less often", self.name, why, delay)
+        self.up = False
+
+    def ok(self):
+        self._delay = self.retry_min
+        if self.up is not True:
+            log.info("upstream %s is up: replaying connections to it", self.name)
+        self.up = True
 
 
 class Output:

@@ -27,12 +27,11 @@ import threading
 import time
 
 from gelf.mirror.events import Kind, TO_SERVER
-from gelf.mirror.outputs import QUEUE_BYTES, QUEUE_EVENTS, Backlog, Counts, Output as Base
+from gelf.mirror.outputs import (QUEUE_BYTES, QUEUE_EVENTS, RETRY_MAX, RETRY_MIN, Backlog, Counts, Health,
+                                 Output as Base, hostport)
 
 log = logging.getLogger("gelf.mirror.tcp")
 
-RETRY_MIN = 0.5
-RETRY_MAX = 30.0
 CONNECT_TIMEOUT = 5.0
 STALL = 10.0  # seconds an upstream may take nothing while bytes wait for it
 LINGER = 5.0  # seconds the upstream's answers are still read after our FIN
@@ -40,10 +39,6 @@ RECV_SIZE = 65536
 TICK = 0.25
 _READ, _WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _WAKE = object()
-
-
-def hostport(host, port):
-    return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
 class Replay:
@@ -71,7 +66,7 @@ class Output(Base):
         self.name = "tcp://" + hostport(host, port)
         self.on_response = on_response
         self.stall, self.linger = stall, linger
-        self.retry_min, self.retry_max = retry_min, retry_max
+        self.health = Health(self.name, retry_min, retry_max)
         self.counts = Counts("conns", "replayed_bytes", "response_bytes", "queue_full", "lost_events",
                              "upstream_down", "upstream_reset", "stalled")
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -79,10 +74,7 @@ class Output(Base):
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._wake_r, _READ, _WAKE)
         self._replays = {}  # conn -> Replay (output thread only)
-        self._delay = retry_min
-        self._retry_at = 0.0
         self._which = 0  # which of the host's addresses new connections go to (the next after a failure)
-        self.up = None  # None until the first connection tells
         self._stopping = None  # the time by which close() gives up
         self._thread = threading.Thread(target=self._run, name="gelf-mirror-tcp", daemon=True)
 
@@ -97,7 +89,7 @@ class Output(Base):
         return self.backlog.put(event)
 
     def stats(self):
-        return dict(self.counts.snapshot(), upstream=self.name, up=self.up, open=len(self._replays),
+        return dict(self.counts.snapshot(), upstream=self.name, up=self.health.up, open=len(self._replays),
                     queued_bytes=self.backlog.queued_bytes())
 
     def close(self, timeout=2.0):
@@ -190,10 +182,10 @@ class Output(Base):
         if replay is not None:  # a second OPEN: the first connection's CLOSE never came
             self._finish(replay, abort=True)
         now = time.monotonic()
-        if not addrs or now < self._retry_at:
+        if not addrs or not self.health.may_try(now):
             self.backlog.lose(event.conn, "upstream_down")
             if not addrs:
-                self._retry_at = now + self._backoff()
+                self.health.failed("cannot resolve %s" % self.host)
             return
         addr = addrs[self._which % len(addrs)]
         sock = socket.socket(addr[0], socket.SOCK_STREAM)
@@ -218,7 +210,7 @@ class Output(Base):
                 return
             replay.connected = True
             replay.progress = time.monotonic()
-            self._now_up()
+            self.health.ok()
         if mask & _READ and not self._read(replay):
             return
         self._flush(replay)
@@ -279,24 +271,9 @@ class Output(Base):
 
     def _connect_failed(self, replay, why):
         self._which += 1  # a name with several addresses (localhost: ::1, 127.0.0.1): try the next
-        delay = self._backoff()
-        self._retry_at = time.monotonic() + delay
-        if self.up is not False:
-            log.warning("upstream %s is down (%s): its connections are lost until it answers; "
-                        "trying again in %.1f s, then less and less often", self.name, why, delay)
-        self.up = False
+        self.health.failed(why)
         self.backlog.lose(replay.conn, "upstream_down", closed=replay.closing)
         self._finish(replay, abort=True)
-
-    def _backoff(self):
-        delay, self._delay = self._delay, min(self._delay * 2, self.retry_max)
-        return delay
-
-    def _now_up(self):
-        self._delay = self.retry_min
-        if self.up is not True:
-            log.info("upstream %s is up: replaying connections to it", self.name)
-        self.up = True
 
     def _tick(self, now):
         for replay in list(self._replays.values()):
