@@ -94,8 +94,11 @@ def build_parser():
     return parser
 
 
-def build_outputs(plan, args, on_response=None):
-    outputs = [upstreams.build(u, plan.sealer, plan.token, plan.context, on_response) for u in plan.upstreams]
+def build_outputs(plan, args, responses_for=None):
+    """The outputs of the plan. `responses_for(upstream name)` gives each plain-server upstream its
+    on_response(conn, data, ts) callback (response comparison), or None."""
+    outputs = [upstreams.build(u, plan.sealer, plan.token, plan.context,
+                               responses_for(str(u)) if responses_for else None) for u in plan.upstreams]
     if plan.record is not None:
         outputs.append(file_output.Output(args.record, plan.record))
     return outputs
@@ -105,7 +108,7 @@ def wait_ready(dispatcher, timeout=READY_WAIT):
     """Give relay links and probes a moment to connect, so the first connections are not lost."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if all(out.get("up", True) for out in dispatcher.stats()["outputs"]):
+        if all(out.get("up") is not False for out in dispatcher.stats()["outputs"]):  # tcp: None until tried
             return
         time.sleep(0.05)
 

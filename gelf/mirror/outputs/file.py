@@ -69,6 +69,8 @@ class Output(Base):
                     self._write(pending)
                 if stopping and not pending:
                     break
+        except Exception:  # a bug: the recording stops (its Backlog fills and counts), capture goes on
+            log.exception("recording %s: internal error; it stops here", self.path)
         finally:
             self.handle.close()
 

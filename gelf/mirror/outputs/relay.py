@@ -113,6 +113,12 @@ class Output(Base):
     # ---------------------------------------------------------------- the sender thread
 
     def _run(self):
+        try:
+            self._loop()
+        except Exception:  # a bug: this output stops (its Backlog fills and counts), capture goes on
+            log.exception("upstream %s: internal error; this output stops", self.name)
+
+    def _loop(self):
         epoch = None
         while True:
             with self._ready:

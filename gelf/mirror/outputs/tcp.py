@@ -110,29 +110,34 @@ class Output(Base):
 
     def _run(self):
         try:
-            addrs = self._resolve()
-            next_tick = time.monotonic() + TICK
-            while not self._done():
-                for key, mask in self._selector.select(TICK):
-                    if key.data is _WAKE:
-                        self._drain_wake()
-                    else:
-                        self._service(key.data, mask)
-                events, abandoned = self.backlog.take()
-                for event in events:
-                    self._handle(event, addrs)
-                for conn in abandoned:  # after the events: an OPEN may be among them
-                    replay = self._replays.get(conn)
-                    if replay is not None:
-                        self._finish(replay, abort=True)
-                now = time.monotonic()
-                if now >= next_tick:
-                    next_tick = now + TICK
-                    self._tick(now)
+            self._loop()
+        except Exception:  # a bug: this output stops (its Backlog fills and counts), capture goes on
+            log.exception("upstream %s: internal error; this output stops", self.name)
         finally:
             for replay in list(self._replays.values()):
                 self._finish(replay, abort=True)
             self._release()
+
+    def _loop(self):
+        addrs = self._resolve()
+        next_tick = time.monotonic() + TICK
+        while not self._done():
+            for key, mask in self._selector.select(TICK):
+                if key.data is _WAKE:
+                    self._drain_wake()
+                else:
+                    self._service(key.data, mask)
+            events, abandoned = self.backlog.take()
+            for event in events:
+                self._handle(event, addrs)
+            for conn in abandoned:  # after the events: an OPEN may be among them
+                replay = self._replays.get(conn)
+                if replay is not None:
+                    self._finish(replay, abort=True)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + TICK
+                self._tick(now)
 
     def _done(self):
         if self._stopping is None:
@@ -226,7 +231,11 @@ class Output(Base):
         if data:
             self.counts.add("response_bytes", len(data))
             if self.on_response is not None:
-                self.on_response(replay.conn, data, time.time())
+                try:
+                    self.on_response(replay.conn, data, time.time())
+                except Exception:  # a consumer's bug must not stop the replay
+                    self.counts.add("callback_failed")
+                    log.exception("upstream %s: on_response failed", self.name)
             return True
         if data is None or replay.shut or replay.pending:  # a reset, or done, or cut off
             if replay.pending:
