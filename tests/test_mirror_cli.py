@@ -220,3 +220,30 @@ def test_replay_runs_to_the_end_with_record(tmp_path):
                                                    (events.Kind.CLOSE, b"fin")]
     assert re.search(r"done: 1 connections", res.stderr)
     assert os.path.getsize(copy) > 8
+
+
+def test_capture_mode_wires_source_to_outputs(monkeypatch, tmp_path):
+    """-c runs source.live_events -> Dispatcher -> outputs: with a fake source in place of live
+    capture (capture.py and reassembly.py are joined in that one function), the plain server gets
+    every connection and --record keeps them."""
+    from gelf.mirror import source
+
+    sink = Sink(port_in(LOW, HIGH))
+    wanted = [b"GET /live/%d HTTP/1.1\r\n\r\n" % i * 2 for i in range(4)]
+    calls = []
+
+    def fake_live_events(port, bind, stop, **kw):
+        calls.append((port, bind))
+        for data in wanted:
+            yield connection([data[:7], data[7:]])[1]
+
+    monkeypatch.setattr(source, "live_events", fake_live_events)
+    record = tmp_path / "live.gelfmir"
+    try:
+        assert cli.main(["-c", "-p", "8080", "-u", "tcp://127.0.0.1:%d" % sink.port, "--record", str(record)]) == 0
+        assert calls == [(8080, None)]
+        wait_for(lambda: sorted(sink.snapshot()[0]) == sorted(wanted), 30, what="the captured connections")
+    finally:
+        sink.stop()
+    with open(record, "rb") as handle:
+        assert sum(1 for e in events.read_file(handle) if e.kind == events.Kind.OPEN) == 4

@@ -257,3 +257,18 @@ def test_relay_output_loses_while_relay_is_down_and_recovers(procs, sinks, outpu
     wait_for(lambda: output.stats()["up"], 40, what="the link to come up (DialLink's backoff)")
     wanted = mirror_traffic(dispatcher, n=3)
     assert delivered(sink, 3) == sorted(wanted)
+
+
+def test_relay_bind_listens_there_only(procs, sinks, outputs):
+    sink = sinks()
+    port, relay = start_relay(procs, "tcp://127.0.0.1:%d" % sink.port, "--bind", "127.0.0.1")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.2", port), timeout=10).close()
+    socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    port6, relay6 = start_relay(procs, "tcp://127.0.0.1:%d" % sink.port, "--bind", "::1")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port6), timeout=10).close()
+    output = outputs("ws://[::1]:%d/ws" % port6)
+    wait_for(lambda: output.stats()["up"], 30, what="the link over IPv6")
+    wanted = mirror_traffic(Dispatcher([output]), n=2)
+    assert delivered(sink, 2) == sorted(wanted)
