@@ -181,7 +181,8 @@ def test_mistake_is_one_line(args, mention, tmp_path):
     recording = tmp_path / "rec"
     recording.write_bytes(b"GELFMIR1")
     out = tmp_path / "out.gelfmir"
-    names = {"KEY600": private_file(tmp_path, "k600", "00" * 16), "KEY644": private_file(tmp_path, "k644", "00" * 16, 0o644),
+    names = {"KEY600": private_file(tmp_path, "k600", "00" * 16),
+             "KEY644": private_file(tmp_path, "k644", "00" * 16, 0o644),
              "REC": recording, "OUT": out, "FREE": port_in(LOW, HIGH)}
     busy = socket.socket()
     try:

@@ -51,7 +51,8 @@ def http_stream(n, tag):
     parts = []
     for i in range(n):
         body = os.urandom(97 * (i + 1))
-        parts.append(b"POST /%s/%d HTTP/1.1\r\nHost: staging\r\nContent-Length: %d\r\n\r\n" % (tag, i, len(body)) + body)
+        head = b"POST /%s/%d HTTP/1.1\r\nHost: staging\r\nContent-Length: %d\r\n\r\n" % (tag, i, len(body))
+        parts.append(head + body)
         parts.append(b"GET /%s/%d HTTP/1.1\r\nHost: staging\r\n\r\n" % (tag, i))
     data = b"".join(parts)
     cuts = [0]
@@ -209,3 +210,16 @@ def test_replay_speed_200_takes_about_half_the_time(tmp_path, sinks, outputs):
     assert took[2.0] < 0.8 * took[1.0]
     wait_for(lambda: sum(sink.snapshot()[1]) == 20, 30, what="both replays delivered")
     assert sorted(sink.snapshot()[0]) == sorted([b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(10)] * 2)
+
+
+def test_upstream_taking_nothing_is_given_up_counted(sinks, outputs):
+    """A connection whose upstream takes nothing for `stall` seconds ends (counted `stalled`),
+    and its bytes leave the Backlog: the bound holds however long the upstream sleeps."""
+    stalled = sinks(reading=False, rcvbuf=4096)
+    output = outputs(TcpOutput, "127.0.0.1", stalled.port, stall=1.0)
+    output.start()
+    data = os.urandom(4 << 20)
+    Dispatcher([output]).dispatch_all(connection([data[i:i + 65536] for i in range(0, len(data), 65536)])[1])
+    wait_for(lambda: output.stats()["stalled"] == 1, 30, what="the stalled replay given up")
+    assert output.stats()["open"] == 0 and output.backlog.queued_bytes() == 0
+    assert output.stats()["queue_full"] == 0

@@ -4,10 +4,12 @@ instance (a real `gelf-mirror -r` process) -> plain TCP server, byte-identical; 
 (wrong key, wrong token, garbage, a gelf Ethernet client): one clear log line, the connection
 closed, the relay still serving."""
 
+import json
 import os
 import signal
 import socket
 import subprocess
+import urllib.request
 
 import pytest
 
@@ -130,6 +132,11 @@ def test_fake_capture_through_relay_is_byte_identical(procs, sinks, outputs):
     wanted = mirror_traffic(Dispatcher([output]))
     assert delivered(sink, len(wanted)) == sorted(wanted)
     assert output.stats()["lost_events"] == output.stats()["queue_full"] == 0
+    with urllib.request.urlopen("http://127.0.0.1:%d/stats" % port, timeout=10) as answer:
+        assert answer.headers["X-Gelf-Mirror"] == "relay"
+        stats = json.load(answer)
+    assert stats["mirror"]["conns"] == len(wanted)
+    assert stats["mirror"]["outputs"][0]["replayed_bytes"] == sum(map(len, wanted))
 
 
 def test_sealed_and_token(procs, sinks, outputs, tmp_path):
