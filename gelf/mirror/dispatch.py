@@ -39,8 +39,12 @@ class Dispatcher:
             output.start()
 
     def close(self, timeout=2.0):
-        for output in self.outputs:
-            output.close(timeout)
+        """Close every output at once, so that each has `timeout` to send what it holds."""
+        closers = [threading.Thread(target=output.close, args=(timeout,), daemon=True) for output in self.outputs]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join(timeout + 5)
 
     def stats(self):
         return {
