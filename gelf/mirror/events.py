@@ -29,7 +29,7 @@ CHUNK = 64 * 1024  # DATA is split to at most this much per event on the wire
 # most STREAM_BATCH + one event (header and CHUNK) of body, plus gelf's header and GCM tag.
 STREAM_BATCH = 64 * 1024
 MAX_STREAM_MESSAGE = wire.HEADER_SIZE + wire.TAG_SIZE + STREAM_BATCH + EVENT_SIZE + CHUNK
-REASONS = ("fin", "rst", "idle", "hole", "memory", "shutdown", "queue_full", "upstream_down")
+REASONS = ("fin", "rst", "idle", "hole", "memory", "shutdown")  # CLOSE reasons (docs/mirror.md)
 MAX_REASON = 64  # bytes of a CLOSE reason
 
 
