@@ -160,3 +160,17 @@ def test_prometheus_families_carry_the_upstream_label():
     assert 'gelf_mirror_mismatches{method="GET",path="/fail",upstream="staging"} 1.0' in text
     assert 'gelf_mirror_latency_seconds{quantile="0.99",upstream="production"}' in text
     assert "gelf_mirror_production_requests_total 2.0" in text
+
+
+def test_production_answers_no_upstream_paired_are_counted_when_forgotten():
+    cmp = Comparer(linger=1)
+    stream = req(b"/1") + req(b"/2") + req(b"/3")
+    cmp.feed(data(1, 1.0, TO_SERVER, stream))
+    cmp.feed(data(1, 1.1, TO_CLIENT, resp(200, b"a") + resp(200, b"b") + resp(200, b"c")))
+    cmp.on_sent("up", 1, len(stream), 1.0)
+    cmp.on_response("up", 1, resp(200, b"a"), 1.2)  # staging answered only the first
+    cmp.feed(Event(Kind.CLOSE, 1, 2.0, TO_SERVER, b"fin"))
+    assert cmp.snapshot()["unpaired"] == 0  # still waiting for late answers
+    cmp.expire(5.0)
+    snap = cmp.snapshot()
+    assert snap["unpaired"] == 2 and snap["upstreams"]["up"]["paired"] == 1

@@ -120,12 +120,11 @@ class _Upstream:
 
 
 def _put(table, key, value, cap):
-    """Insert into a dict kept at most `cap` long, oldest out; returns how many went out."""
+    """Insert into a dict kept at most `cap` long, oldest out; returns what went out, or None."""
     table[key] = value
     if len(table) > cap:
-        del table[next(iter(table))]
-        return 1
-    return 0
+        return table.pop(next(iter(table)))
+    return None
 
 
 class Comparer:
@@ -178,8 +177,9 @@ class Comparer:
             if request is not None and request[3] is not None and msg.first_ts is not None:
                 self.latency.add(msg.first_ts - request[3])
             method, path = (request[0], request[1]) if request else (msg.method or "?", "?")
-            record = (msg.status, msg.body_sha256, self._headers(msg), method, path)
-            self.counts["unpaired"] += _put(c.prod, msg.index, record, self.max_pending)
+            record = [msg.status, msg.body_sha256, self._headers(msg), method, path, 0]  # 0: times paired
+            old = _put(c.prod, msg.index, record, self.max_pending)
+            self.counts["unpaired"] += old is not None and old[5] == 0
             for name, side in c.ups.items():
                 theirs = side.pending.pop(msg.index, None)
                 if theirs is not None:
@@ -219,7 +219,7 @@ class Comparer:
             if ours is not None:
                 self._pair(upstream, ours, record)
             else:
-                up.counts["unpaired"] += _put(side.pending, msg.index, record, self.max_pending)
+                up.counts["unpaired"] += _put(side.pending, msg.index, record, self.max_pending) is not None
         if side.split.mode is Mode.BROKEN and not side.stopped:
             side.stopped = True
             up.counts["broken"] += 1
@@ -240,6 +240,7 @@ class Comparer:
         up = self.upstreams[upstream]
         counts = up.counts
         counts["paired"] += 1
+        ours[5] += 1
         status, body = ours[0] == theirs[0], ours[1] == theirs[1]
         counts["status_match"] += status
         counts["body_match"] += body
@@ -304,5 +305,6 @@ class Comparer:
     def _drop(self, c, reason):
         if reason:
             self.counts[reason] += 1
+        self.counts["unpaired"] += sum(1 for record in c.prod.values() if record[5] == 0)
         for side in c.ups.values():
             side.up.counts["unpaired"] += len(side.pending)
