@@ -145,3 +145,21 @@ def test_chain_joins_filters_and_reports_each():
     assert stream(out) == get(b"/yes") and stream(out, conn=2) == b""
     stats = f.stats()
     assert stats["rate"]["dropped"] == 1 and stats["http"]["kept"] == 1 and stats["sample"]["kept"] == 2
+
+
+def test_filtered_stream_still_pairs_in_the_comparer():
+    from gelf.mirror.compare import Comparer
+    reqs = [get(b"/a"), get(b"/secret"), get(b"/b")]
+    answers = {b"/a": resp(b"A"), b"/secret": resp(b"S" * 40), b"/b": resp(b"B")}
+    f, cmp = HttpFilter(deny=["^/secret"]), Comparer()
+    events = [opened(1), data(1, b"".join(reqs), ts=1.0),
+              data(1, b"".join(answers[p] for p in (b"/a", b"/secret", b"/b")), TO_CLIENT, ts=1.1), closed(1)]
+    out = through(f, events)
+    for event in out:
+        cmp.feed(event)
+    replayed = stream(out)  # what an output writes to staging, which answers like production
+    cmp.on_sent("staging", 1, len(replayed), 1.0)
+    cmp.on_response("staging", 1, answers[b"/a"] + answers[b"/b"], 1.2)
+    row = cmp.snapshot()["upstreams"]["staging"]
+    assert replayed == reqs[0] + reqs[2]
+    assert (row["requests"], row["paired"], row["status_match"], row["body_match"]) == (2, 2, 2, 2)

@@ -209,3 +209,28 @@ def test_upgrade_and_connect_become_tunnels():
 def test_response_with_unknown_method_is_read_as_get():
     s, done = responses([response(200, b"abc") + response(500, b"")], [])
     assert [(m.index, m.status, m.method, m.body_len) for m in done] == [(0, 200, None, 3), (1, 500, None, 0)]
+
+
+def test_mutated_streams_never_raise_and_spans_tile_the_stream():
+    import random
+    rng = random.Random(5)
+    good = {Side.REQUEST: get(b"/a") + post(b"/p", b"x" * 50) + chunked(b"/c", [b"ab", b"cd"], b"T: 1\r\n")
+            + get(b"/u", b"Upgrade: x\r\nConnection: upgrade\r\n") + b"\x00\x01",
+            Side.RESPONSE: response(200, b"ok") + b"HTTP/1.1 100 Continue\r\n\r\n" + response(204, length=False)
+            + b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" + response(101)}
+    for trial in range(600):
+        side = rng.choice(list(good))
+        data = bytearray(good[side])
+        for _ in range(rng.randint(0, 4)):
+            i = rng.randrange(len(data))
+            data[i:i + rng.randint(0, 1)] = bytes([rng.choice(b"\r\n:0 9aZ-;\x00")])
+        cuts = sorted(rng.sample(range(1, len(data)), rng.randint(0, 8)))
+        s = Splitter(side, lambda i: rng.choice(["GET", "HEAD", "CONNECT", None]))
+        done = []
+        for a, b in zip([0] + cuts, cuts + [len(data)]):
+            done += [m for phase, m in s.feed(bytes(data[a:b]), 1.0) if phase is Phase.DONE]
+        done += [m for phase, m in s.close(2.0) if phase is Phase.DONE]
+        assert s.offset == len(data)
+        ends = [0] + [m.end for m in done]
+        assert [m.start for m in done] == ends[:-1] and ends == sorted(ends), trial
+        assert ends[-1] <= (len(data) if s.stopped_at is None else s.stopped_at)
