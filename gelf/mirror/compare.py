@@ -13,6 +13,11 @@ Everything a peer can grow is bounded: connections (least recently used first ou
 connection the requests and responses waiting for their counterpart (`max_pending`), latency
 samples (a reservoir per side) and the table of mismatching method+path pairs (`top_size`
 entries, space-saving counts when it is full). Pure: the caller passes every time.
+
+Cost, measured here: about 50 us per keep-alive GET with an HTTP filter, production and one
+upstream (each exchange is parsed five times: filter and comparer, each direction, plus the
+upstream's answer; the splitter alone is about 3 us per request). Filter and comparer parse on
+their own so that either works without the other.
 """
 
 import collections
