@@ -174,3 +174,15 @@ def test_production_answers_no_upstream_paired_are_counted_when_forgotten():
     cmp.expire(5.0)
     snap = cmp.snapshot()
     assert snap["unpaired"] == 2 and snap["upstreams"]["up"]["paired"] == 1
+
+
+def test_report_reads_a_saved_stats_document():
+    import json
+    cmp = Comparer()
+    exchange(cmp, 1, [b"/a", b"/fail"], lambda p: resp(500 if p == b"/fail" else 200, b"page " + p))
+    snap = cmp.snapshot()
+    saved = json.loads(json.dumps(snap))
+    assert report(saved) == report(snap) and progress_line(saved) == progress_line(snap)
+    assert "\n" not in progress_line(snap)
+    empty = Comparer().snapshot()
+    assert "no upstream has answered yet" in report(empty) and progress_line(empty).startswith("req 0")
