@@ -111,6 +111,7 @@ class Splitter:
         self._head_size = 0
         self._head_only = False  # a response whose body llhttp would wrongly wait for
         self._last_method = None
+        self._piece_end = 0  # stream offset where the piece being fed ends
         self._parser = self._new_parser()
 
     def _new_parser(self):
