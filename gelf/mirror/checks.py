@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 from gelf import keys, wire
 from gelf.client import tls_context
-from gelf.mirror import events, replay, source, upstreams
+from gelf.mirror import events, flags, replay, source, upstreams
 from gelf.mirror.outputs import file as file_output
 from gelf.options import UserError
 
@@ -28,6 +28,7 @@ class Plan(NamedTuple):
     tls: tuple
     context: object
     record: object  # the --record file, open
+    settings: object = None  # flags.Settings: filters, comparison, --stats
 
 
 def choose_mode(args):
@@ -165,6 +166,7 @@ def check(args):
     port = args.port
     if mode == "relay":
         bind = check_listen(bind, port)
+    settings = flags.check(args, mode)
     if mode == "capture":
         source.check_privileges()
     record = None
@@ -173,4 +175,4 @@ def check(args):
             record = file_output.open_record(args.record)
         except OSError as err:
             raise UserError("cannot write --record file %s: %s" % (args.record, err.strerror or err)) from None
-    return Plan(mode, port, bind, found, sealer, token, tls, context, record)
+    return Plan(mode, port, bind, found, sealer, token, tls, context, record, settings)

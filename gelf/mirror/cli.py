@@ -5,7 +5,11 @@ is created, then one of three runs: capture, relay, or --replay of a recording.
     gelf-mirror -c -p 80 -u machineB:3280 -u machineC:3280 -u machineD
     gelf-mirror -r -p 3280 -u localhost:80
 
+    gelf-mirror report http://127.0.0.1:3290/stats
+
 Every mistake is one line, `gelf-mirror: error: ...`, exit status 1 (options.Parser), as gelf's.
+What happens to each event between its source and the outputs (filters, response comparison)
+is pipeline.py's; flags.py declares and checks those flags, stats_http.py serves --stats.
 """
 
 import argparse
@@ -17,8 +21,9 @@ import time
 
 from gelf import __version__, keys, options
 from gelf.logs import setup_logging
-from gelf.mirror import events, replay, source, upstreams
+from gelf.mirror import compare_view, events, flags, pipeline, replay, source, stats_http, upstreams
 from gelf.mirror.checks import check
+from gelf.mirror.compare import Comparer
 from gelf.mirror.dispatch import Dispatcher
 from gelf.mirror.outputs import file as file_output
 from gelf.options import UserError
@@ -26,7 +31,7 @@ from gelf.options import UserError
 log = logging.getLogger("gelf.mirror")
 
 READY_WAIT = 5.0  # seconds capture waits for its upstreams at start, so the first connections count
-REPORT_EVERY = 10.0  # seconds between -v's progress lines
+REPORT_EVERY = pipeline.REPORT_EVERY  # seconds between -v's progress lines
 
 
 def speed(text):
@@ -48,7 +53,9 @@ def build_parser():
         description="Mirror live TCP traffic (a production web server's requests) to other machines, "
         "like Gopher: capture it on a port and send it to upstreams, which are plain servers (each "
         "mirrored connection replayed to them byte for byte) or gelf-mirror relays (which replay it "
-        "to their own upstreams). Example: gelf-mirror -c -p 80 -u staging:8080")
+        "to their own upstreams). Example: gelf-mirror -c -p 80 -u staging:8080",
+        epilog="`gelf-mirror report [URL|FILE]` prints the response-comparison report of a running "
+        "instance (its /stats) or of a saved /stats file; `gelf-mirror report --help` says more.")
     mode = parser.add_argument_group("mode")
     mode.add_argument("--mode", choices=("capture", "relay"),
                       help="capture: mirror the traffic arriving on --port (needs CAP_NET_RAW); relay: "
@@ -88,6 +95,7 @@ def build_parser():
                        help="--replay at this pace: 200%% is twice as fast as recorded, 50%% half "
                        "(default: 100%%)")
     files.add_argument("--loop", action="store_true", help="--replay the recording again and again")
+    flags.add_arguments(parser)
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="log every link event, and a progress line every %g s" % REPORT_EVERY)
     parser.add_argument("--version", action="version", version="gelf-mirror " + __version__)
@@ -96,7 +104,7 @@ def build_parser():
 
 def build_outputs(plan, args, responses_for=None):
     """The outputs of the plan. `responses_for(upstream name)` gives each plain-server upstream its
-    on_response(conn, data, ts) callback (response comparison), or None."""
+    on_response(conn, data, ts) callback, carrying its on_sent (pipeline.Replies), or None."""
     outputs = [upstreams.build(u, plan.sealer, plan.token, plan.context,
                                responses_for(str(u)) if responses_for else None) for u in plan.upstreams]
     if plan.record is not None:
@@ -123,56 +131,87 @@ def report(dispatcher, final=False):
              "; ".join(parts))
 
 
-def run_events(plan, args, dispatcher, stop):
-    """Capture or replay: feed the dispatcher until the source ends or a signal comes."""
-    dispatcher.start()
-    wait_ready(dispatcher)
-    last = time.monotonic()
+def build_pipeline(plan, args):
+    """Filters and comparer of the plan, then the outputs (tcp ones get the comparer's callbacks)."""
+    settings = plan.settings
+    comparer = Comparer(ignore_headers=settings.ignore_headers) if settings.compare else None
+    pipe = pipeline.Pipeline(settings.filters, comparer)
+    return pipe.use(Dispatcher(build_outputs(plan, args, pipe.replies_for)))
+
+
+def start_watching(plan, args, pipe):
+    """--stats's server, and the once-a-second ticker (expire, progress line on a TTY, -v lines)."""
+    server = None
+    if plan.settings.stats:
+        server = stats_http.StatsServer(*plan.settings.stats, pipe)
+        server.start()
+    screen = sys.stderr if sys.stderr.isatty() else None
+    ticker = pipeline.Ticker(pipe, screen, args.verbose, lambda: report(pipe.dispatcher))
+    ticker.start()
+    return server, ticker
+
+
+def stop_watching(server, ticker):
+    ticker.stop()
+    if server is not None:
+        server.stop()
+
+
+def run_events(plan, args, pipe, stop):
+    """Capture or replay: feed the pipeline until the source ends or a signal comes."""
+    server, ticker = start_watching(plan, args, pipe)
+    pipe.start()
+    wait_ready(pipe.dispatcher)
     try:
         if plan.mode == "replay":
-            replayer = replay.Replayer(args.replay, dispatcher, args.speed or 1.0, args.loop, stop)
+            replayer = replay.Replayer(args.replay, pipe, args.speed or 1.0, args.loop, stop)
             log.info("replaying %s at %g%% to %d output(s)", args.replay, (args.speed or 1.0) * 100,
-                     len(dispatcher.outputs))
+                     len(pipe.outputs))
             replayer.run()
             return
         log.info("capturing connections to port %d%s for %d output(s)", plan.port,
-                 " on " + plan.bind if plan.bind else "", len(dispatcher.outputs))
-        for batch in source.live_events(plan.port, plan.bind, stop):
-            dispatcher.dispatch_all(batch)
-            if args.verbose and time.monotonic() - last > REPORT_EVERY:
-                last = time.monotonic()
-                report(dispatcher)
+                 " on " + plan.bind if plan.bind else "", len(pipe.outputs))
+        for batch in source.live_events(plan.port, plan.bind, stop, responses=plan.settings.compare):
+            pipe.dispatch_all(batch)
     finally:
-        dispatcher.close(timeout=5.0)
-        report(dispatcher, final=True)
+        pipe.close(timeout=5.0)
+        stop_watching(server, ticker)
+        report(pipe.dispatcher, final=True)
+        if pipe.comparer is not None and args.verbose:
+            log.info("comparison:\n%s", compare_view.report(pipe.compare_snapshot()).rstrip("\n"))
 
 
-def run_relay(plan, args, dispatcher):
+def run_relay(plan, args, pipe):
     import cherrypy
 
     from gelf.mirror import relay
 
     engine = cherrypy.engine
-    mirror = relay.MirrorRelay(dispatcher, plan.sealer)
+    mirror = relay.MirrorRelay(pipe, plan.sealer)
     manager = relay.RelayLinks(mirror)
     relay.mount(engine, plan.bind, plan.port, mirror, manager, plan.token, plan.tls, debug=args.verbose)
     engine.signal_handler.handlers = {"SIGTERM": engine.exit, "SIGINT": engine.exit}
     engine.signal_handler.subscribe()
-    dispatcher.start()
-    wait_ready(dispatcher)  # its upstreams probed and dialed before the first stream arrives
+    pipe.start()
+    wait_ready(pipe.dispatcher)  # its upstreams probed and dialed before the first stream arrives
+    server, ticker = start_watching(plan, args, pipe)
     try:
         engine.start()
         log.info("gelf-mirror relay listening on %s port %d%s; replaying to %s", plan.bind, plan.port,
-                 " (wss)" if plan.tls else "", ", ".join(o.name for o in dispatcher.outputs))
+                 " (wss)" if plan.tls else "", ", ".join(o.name for o in pipe.outputs))
         engine.block()
     finally:
         manager.stop()
         manager.join()
-        dispatcher.close(timeout=2.0)
-        report(dispatcher, final=True)
+        pipe.close(timeout=2.0)
+        stop_watching(server, ticker)
+        report(pipe.dispatcher, final=True)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:
+        return stats_http.report_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
@@ -180,15 +219,15 @@ def main(argv=None):
     except (UserError, keys.SecretError) as err:
         print("gelf-mirror: error: %s" % err, file=sys.stderr)
         return options.EXIT_MISTAKE
-    dispatcher = Dispatcher(build_outputs(plan, args))
+    pipe = build_pipeline(plan, args)
     if plan.mode == "relay":
-        run_relay(plan, args, dispatcher)
+        run_relay(plan, args, pipe)
         return 0
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        run_events(plan, args, dispatcher, stop)
+        run_events(plan, args, pipe, stop)
     except UserError as err:  # live capture could not start (capture.py says why)
         print("gelf-mirror: error: %s" % err, file=sys.stderr)
         return options.EXIT_MISTAKE

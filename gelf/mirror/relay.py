@@ -19,6 +19,7 @@ import threading
 import time
 
 import cherrypy
+from prometheus_client import CONTENT_TYPE_LATEST
 from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 
 from gelf import __version__, fastws, gate, guard, server, wire
@@ -57,7 +58,7 @@ class MirrorRelay:
     """What a relay does with the messages its links deliver (the link loop's thread calls in)."""
 
     def __init__(self, dispatcher, sealer=None):
-        self.dispatcher = dispatcher
+        self.dispatcher = dispatcher  # a pipeline.Pipeline: filters and comparison, then the outputs
         self.sealer = sealer
         self.links = LinkSet()
         self.drops = Drops()
@@ -115,13 +116,19 @@ class MirrorRelay:
                 self.dispatcher.dispatch(events.close_event(ours, time.time(), "shutdown"))
 
     def snapshot(self):
+        """/stats: the relay's links and drops, then its pipeline's (pipeline.Pipeline.document):
+        `mirror` (dispatcher and outputs), `filters`, `compare` (what `gelf-mirror report` reads)."""
+        mirror = self.dispatcher.document()
+        filters, compare = mirror.pop("filters"), mirror.pop("compare")
         return {
             "version": __version__,
             "uptime": round(time.monotonic() - self.started, 3),
             "encryption": self.sealer is not None,
             "drops": self.drops.snapshot(),
             "links": [link.describe() for link in self.links.listing()],
-            "mirror": self.dispatcher.stats(),
+            "mirror": mirror,
+            "filters": filters,
+            "compare": compare,
         }
 
 
@@ -179,6 +186,12 @@ class Root:
     @cherrypy.tools.json_out()
     def stats(self, **params):
         return self.relay.snapshot()
+
+    @cherrypy.expose
+    def metrics(self, **params):
+        """Prometheus text: the pipeline's registry (outputs, response comparison per upstream)."""
+        cherrypy.response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return self.relay.dispatcher.metrics()
 
 
 def mount(engine, host, port, relay, manager, token=None, tls=None, limits=None, debug=False):

@@ -4,7 +4,9 @@ One new TCP connection per mirrored connection, and the client's bytes written t
 order production received them. Nothing is parsed: HTTP keep-alive, pipelining and anything
 else on the stream survive because the stream is replayed as it was, not re-built. What the
 upstream answers is read (so it never blocks writing to us) and handed to `on_response(conn,
-data, ts)` if one is given: response comparison consumes it.
+data, ts)` if one is given (b"" once the upstream closed its side): response comparison consumes
+it. After each write, `on_response.on_sent(conn, nbytes, ts)` is called when the callback has one
+(pipeline.Replies: both callbacks of one upstream travel as one object through upstreams.build).
 
 One thread with one selector drives every replayed connection of this output; capture only
 queues (outputs.Backlog). The failure policy, for this output alone:
@@ -65,6 +67,7 @@ class Output(Base):
         self.host, self.port = host, port
         self.name = "tcp://" + hostport(host, port)
         self.on_response = on_response
+        self.on_sent = getattr(on_response, "on_sent", None)
         self.stall, self.linger = stall, linger
         self.health = Health(self.name, retry_min, retry_max)
         self.counts = Counts("conns", "replayed_bytes", "response_bytes", "queue_full", "lost_events",
@@ -230,12 +233,9 @@ class Output(Base):
             data = None
         if data:
             self.counts.add("response_bytes", len(data))
-            if self.on_response is not None:
-                try:
-                    self.on_response(replay.conn, data, time.time())
-                except Exception:  # a consumer's bug must not stop the replay
-                    self.counts.add("callback_failed")
-                    log.exception("upstream %s: on_response failed", self.name)
+        if data is not None:
+            self._tell(self.on_response, replay.conn, data)  # b"": the upstream closed its side
+        if data:
             return True
         if data is None or replay.shut or replay.pending:  # a reset, or done, or cut off
             if replay.pending:
@@ -256,6 +256,8 @@ class Output(Base):
                 replay.pending -= sent
                 self.counts.add("replayed_bytes", sent)
                 replay.progress = time.monotonic()
+                if sent:
+                    self._tell(self.on_sent, replay.conn, sent)
                 if sent < len(out[0]):
                     out[0] = memoryview(out[0])[sent:]
                     break
@@ -277,6 +279,17 @@ class Output(Base):
                 self._finish(replay)
                 return
         self._watch(replay, (0 if replay.eof else _READ) | (_WRITE if out else 0))
+
+    def _tell(self, callback, conn, what):
+        """on_response or on_sent (response comparison), if given; a consumer's bug must not stop
+        the replay: counted, logged."""
+        if callback is None:
+            return
+        try:
+            callback(conn, what, time.time())
+        except Exception:
+            self.counts.add("callback_failed")
+            log.exception("upstream %s: a response-comparison callback failed", self.name)
 
     def _connect_failed(self, replay, why):
         self._which += 1  # a name with several addresses (localhost: ::1, 127.0.0.1): try the next
