@@ -2,6 +2,7 @@
 replaced by test addresses, ports 18170-18199) and mean what Gopher means; every user mistake is
 one `gelf-mirror: error:` line, exit status 1, no traceback, nothing created."""
 
+import json
 import os
 import re
 import signal
@@ -248,3 +249,102 @@ def test_capture_mode_wires_source_to_outputs(monkeypatch, tmp_path):
         sink.stop()
     with open(record, "rb") as handle:
         assert sum(1 for e in events.read_file(handle) if e.kind == events.Kind.OPEN) == 4
+
+
+# ---------------------------------------------------------------- filters, comparison, --stats
+
+FLAG_MISTAKES = [
+    (["--sample", "0"], "--sample.*percentage"),
+    (["--sample", "100.5"], "--sample.*percentage"),
+    (["--sample", "half"], "--sample.*percentage"),
+    (["--rate", "0"], "--rate.*not a rate"),
+    (["--rate", "-3"], "--rate.*not a rate"),
+    (["--allow-path", "^/api/("], "--allow-path.*not a valid regular expression"),
+    (["--deny-path", "[a-"], "--deny-path.*not a valid regular expression"),
+    (["--method", "GET,,POST"], "--method.*HTTP methods"),
+    (["--method", "GET POST"], "--method.*HTTP methods"),
+    (["--ignore-header", "X Build"], "not a header name"),
+    (["--ignore-header", "Date", "--no-compare"], "--no-compare turns it off"),
+    (["--stats", "nonsense"], r"--stats.*\[ADDR:\]PORT"),
+    (["--stats", "127.0.0.1:0"], r"--stats.*\[ADDR:\]PORT"),
+    (["--stats", "not-an-ip:18400"], "not an IPv4 or IPv6"),
+    (["--stats", "192.0.2.99:18400"], "not on this machine"),
+    (["--stats", "BUSY"], "already in use"),
+]
+
+
+@pytest.mark.parametrize("args, mention", FLAG_MISTAKES, ids=[m for _, m in FLAG_MISTAKES])
+def test_filter_and_stats_mistakes_are_one_line(args, mention, tmp_path):
+    out = tmp_path / "out.gelfmir"
+    busy = socket.socket()
+    try:
+        if "BUSY" in args:
+            busy.bind(("127.0.0.1", port_in(18400, 18499)))
+            busy.listen(1)
+            args = [str(busy.getsockname()[1]) if a == "BUSY" else a for a in args]
+        res = mirror("-c", "-p", "80", "-u", "127.0.0.1", "--record", out, *args)
+    finally:
+        busy.close()
+    assert_user_error(res, mention, prog="gelf-mirror")
+    assert not out.exists(), "a mistake must not create the --record file"
+
+
+def test_relay_stats_port_must_differ_from_its_own():
+    port = port_in(18400, 18499)
+    res = mirror("-r", "-p", port, "-u", "tcp://127.0.0.1:80", "--stats", port)
+    assert_user_error(res, "already serves /stats and /metrics on its port", prog="gelf-mirror")
+
+
+def test_filter_flags_build_the_chain_in_order():
+    stats_port = port_in(18400, 18499)
+    p = plan("-c", "-p", "80", "-u", "127.0.0.1", "--sample", "25%", "--rate", "50", "--allow-path", "^/api/",
+             "--deny-path", "secret", "--method", "get,post", "--ignore-header", "X-Build", "--stats", stats_port)
+    chain = p.settings.filters
+    assert [f.name for f in chain.filters] == ["sample", "rate", "http"]
+    assert chain.filters[0].threshold == 2 ** 62 and chain.filters[1].rate == 50
+    http = chain.filters[2]
+    assert http.methods == {"GET", "POST"} and http.reject("GET", "/api/x") is None
+    assert http.reject("GET", "/static") == "allow" and http.reject("GET", "/api/secret") == "deny"
+    assert (p.settings.compare, p.settings.ignore_headers, p.settings.stats) == (True, ["X-Build"],
+                                                                                 ("127.0.0.1", stats_port))
+    bare = plan("-c", "-p", "80", "-u", "127.0.0.1", "--sample", "100")
+    assert bare.settings.filters is None and bare.settings.stats is None  # no HTTP filter unless asked
+    assert plan("-c", "-p", "80", "-u", "127.0.0.1", "--no-compare").settings.compare is False
+
+
+def test_help_tells_comparison_is_on_by_default():
+    out = mirror("--help").stdout
+    for words in ("--no-compare", "server-to-client", "/metrics", "gelf-mirror report", "0 < PCT <= 100"):
+        assert words in " ".join(out.split()), words
+
+
+REPORT_MISTAKES = [
+    (["http://127.0.0.1:PORT/stats"], "cannot reach http://127.0.0.1:.*/stats"),
+    (["/nonexistent/stats.json"], "cannot read /nonexistent/stats.json"),
+    (["NOTJSON"], "is not JSON"),
+    (["NOCOMPARE"], "not a gelf-mirror /stats document"),
+    (["OFF"], "--no-compare"),
+]
+
+
+@pytest.mark.parametrize("args, mention", REPORT_MISTAKES, ids=[m for _, m in REPORT_MISTAKES])
+def test_report_mistakes_are_one_line(args, mention, tmp_path):
+    files = {"NOTJSON": "<html>", "NOCOMPARE": '{"events": 1}', "OFF": '{"compare": null}'}
+    names = {}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        names[name] = str(tmp_path / name)
+    args = [names.get(a, a).replace("PORT", str(port_in(18400, 18499))) for a in args]
+    assert_user_error(mirror("report", *args), mention, prog="gelf-mirror")
+
+
+def test_report_from_a_saved_file_also_through_gelf_mirror(tmp_path):
+    from gelf.mirror.compare import Comparer
+
+    saved = tmp_path / "stats.json"
+    saved.write_text(json.dumps({"compare": Comparer().snapshot()}))
+    res = mirror("report", saved)
+    assert res.returncode == 0 and "no upstream has answered yet" in res.stdout, res.stderr
+    res = subprocess.run([PYTHON, "gelf.py", "mirror", "report", str(saved)], cwd=REPO, capture_output=True,
+                         text=True)
+    assert res.returncode == 0 and res.stdout.startswith("production: 0 requests"), res.stderr

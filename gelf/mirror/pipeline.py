@@ -74,13 +74,13 @@ class Pipeline:
         self.comparer = comparer  # compare.Comparer or None (--no-compare)
         self.clock = clock
         self.lock = threading.Lock()  # the filters' and the Comparer's: neither is thread-safe
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_OutputCollector(self))
-        if comparer is not None:
-            self.registry.register(CompareCollector(self.compare_snapshot))
+        self.registry = CollectorRegistry()  # the mirror's own: /metrics shows nothing else
 
     def use(self, dispatcher):
         self.dispatcher = dispatcher
+        self.registry.register(_OutputCollector(self))
+        if self.comparer is not None:
+            self.registry.register(CompareCollector(self.compare_snapshot))
         return self
 
     @property
