@@ -118,7 +118,8 @@ def check_stats(args, mode):
             if err.errno == errno.EADDRNOTAVAIL:
                 raise UserError("--stats %s: that address is not on this machine" % host) from None
             if err.errno == errno.EACCES:
-                raise UserError("--stats: port %d is privileged: run as root or pick a port above 1023" % port) from None
+                raise UserError("--stats: port %d is privileged: run as root or pick a port above 1023"
+                                % port) from None
             raise UserError("--stats %s: %s" % (args.stats, err.strerror)) from None
     return host, port
 
