@@ -199,12 +199,16 @@ def test_relay_compares_with_production_answers_from_the_stream(tmp_path):
     recording = tmp_path / "prod.gelfmir"
     write_recording(recording, [("GET", p, b"") for p in PATHS])
     upstream = "tcp://127.0.0.1:%d" % staging.port
-    relay = start("-r", "-p", relay_port, "-u", upstream)
+    stats_port = port_in(relay_port + 1, HIGH)  # the relay's port is not bound yet: another one
+    relay = start("-r", "-p", relay_port, "-u", upstream, "--stats", "127.0.0.1:%d" % stats_port)
     try:
         assert relay.pump.wait_line("relay listening", 30), relay.pump.text()
         res = run("--replay", recording, "-u", "relay://127.0.0.1:%d" % relay_port, "--no-compare")
         assert res.returncode == 0, res.stderr
         check_comparison("http://127.0.0.1:%d" % relay_port, upstream, tmp_path)
+        extra = json.loads(get("http://127.0.0.1:%d/stats" % stats_port))  # --stats on a relay: the same
+        assert extra["compare"]["upstreams"][upstream]["paired"] == len(PATHS)
+        assert extra["filters"] == {} and extra["outputs"][0]["name"] == upstream
     finally:
         stop(relay)
         staging.stop()
