@@ -225,3 +225,17 @@ def test_picked_up_mid_stream_then_shuffled(seed):
     r = Reassembler([80])
     ev = run(r, [first] + segs)
     assert stream(ev) == data and kinds(ev)[-1] == ("CLOSE", b"fin")
+
+
+def test_a_hole_just_before_the_fin_times_out():
+    r = Reassembler([80], hole_timeout=2.0)
+    run(r, [up(0, SYN), up(1, ACK, b"ab"), up(8, FIN | ACK)], now=10.0)  # bytes 3..7 never seen
+    assert kinds(r.expire(12.0)) == [("CLOSE", b"hole")]
+
+
+def test_hole_timer_restarts_when_the_stream_moves():
+    r = Reassembler([80], hole_timeout=2.0)
+    run(r, [up(0, SYN), up(3, ACK, b"cd"), up(9, ACK, b"zz")], now=10.0)  # two holes: 1..2, 5..8
+    run(r, [up(1, ACK, b"ab")], now=11.5)  # the first fills: progress
+    assert r.expire(13.0) == []
+    assert kinds(r.expire(13.5)) == [("CLOSE", b"hole")]

@@ -209,8 +209,8 @@ class Reassembler:
             st.fin = end
         if st.fin is not None and end > st.fin:
             data, end = data[:max(0, st.fin - a)], max(a, st.fin)
+        before = st.next
         if data:
-            before = st.next
             if end <= st.next:
                 n["retransmitted"] += 1
             elif a <= st.next and not st.starts:  # in order, nothing waiting: the common case
@@ -230,17 +230,17 @@ class Reassembler:
                 self._waiting -= st.drain(chunks)
                 if chunks:
                     self._deliver(conn, st, d, chunks, seg.ts, out)
-            if st.starts and (st.gap_since is None or st.next != before):
-                st.gap_since = now
-                self._gaps[key] = conn
-            elif not st.starts:
-                st.gap_since = None
-                if all(s is None or not s.starts for s in conn.streams):
-                    self._gaps.pop(key, None)
         if st.done() and all(s is not None and s.done() for s in self._followed(conn)):
             self._close(conn, "fin", seg.ts, now, out)
-        elif st.starts:
+        elif st.starts or (st.fin is not None and st.next < st.fin):  # a hole, maybe just before the FIN
+            if st.gap_since is None or st.next != before:  # a new hole, or progress: its timer restarts
+                st.gap_since = now
+                self._gaps[key] = conn
             self._check_hole(conn, st, seg.ts, now, out)
+        elif st.gap_since is not None:
+            st.gap_since = None
+            if all(s is None or s.gap_since is None for s in conn.streams):
+                self._gaps.pop(key, None)
         return out
 
     def expire(self, now):
