@@ -6,16 +6,22 @@ The oracle is what the clients sent and received (each prints its bytes' SHA-256
 every client-to-server stream, and every response, is reassembled byte-identical, exactly once.
 """
 
+import hashlib
 import itertools
 import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 
 import pytest
 
 import helpers
+from gelf.mirror import pcapfile
+from gelf.mirror.events import TO_SERVER, Kind
+from gelf.mirror.reassembly import Reassembler
 from helpers import PYTHON, REPO
 
 PORT = 18010
@@ -133,9 +139,9 @@ print("done", flush=True)
 def need_capture_root():
     if os.geteuid() != 0:
         pytest.skip("needs root (network namespaces, veth, AF_PACKET capture)")
-    for tool in ("ip", "tc", "setpriv"):
+    for tool in ("ip", "tc", "nft", "setpriv", "tcpdump"):
         if not shutil.which(tool):
-            pytest.skip(f"needs '{tool}' (iproute2, util-linux)")
+            pytest.skip(f"needs '{tool}' (make sysdeps)")
 
 
 @pytest.fixture
@@ -240,6 +246,29 @@ def captured(cap, want):
     return conns, json.loads(m.group(1))
 
 
+def reassemble_file(path):
+    """The connection records of CAPTURE, made from a pcap file instead of a live capture."""
+    r = Reassembler([PORT], responses=True)
+    conns, done = {}, []
+    events = [e for seg in pcapfile.segments(path) for e in r.feed(seg, seg.ts)] + r.shutdown(0)
+    for e in events:
+        if e.kind == Kind.OPEN:
+            af, n = (socket.AF_INET, 4) if e.data[0] == 4 else (socket.AF_INET6, 16)
+            cport, sport = struct.unpack("!HH", e.data[2:6])
+            conns[e.conn] = {"client": [socket.inet_ntop(af, e.data[6:6 + n]), cport],
+                             "server": [socket.inet_ntop(af, e.data[6 + n:]), sport],
+                             "up": hashlib.sha256(), "up_len": 0, "down": hashlib.sha256(), "down_len": 0}
+        elif e.kind == Kind.DATA:
+            side = "up" if e.direction == TO_SERVER else "down"
+            conns[e.conn][side].update(e.data)
+            conns[e.conn][side + "_len"] += len(e.data)
+        else:
+            c = conns.pop(e.conn)
+            c.update(up=c["up"].hexdigest(), down=c["down"].hexdigest(), reason=e.data.decode())
+            done.append(c)
+    return done
+
+
 def assert_identical(conns, want, stats):
     got = {}
     for c in conns:
@@ -258,17 +287,26 @@ def assert_identical(conns, want, stats):
 
 
 @pytest.mark.parametrize("family,ring", [(4, True), (6, True), (4, False)], ids=["v4-ring", "v6-ring", "v4-recv"])
-def test_streams_survive_reorder_duplicates_and_loss(bg, pair, family, ring):
+def test_streams_survive_reorder_duplicates_and_loss(bg, pair, tmp_path, family, ring):
     impair(pair, family)
     start_server(bg, pair)
     cap = start_capture(bg, pair, ring=ring)
+    # A second capture, by libpcap, read back by pcapfile.py. Immediate mode: on SIGINT, tcpdump
+    # does not write what still sits in a ring block the kernel has not handed over yet.
+    pcap = tmp_path / "tcpdump.pcap"
+    dump = bg(["ip", "netns", "exec", pair["srv"], "tcpdump", "-i", pair["vs"], "--immediate-mode", "-w", str(pcap),
+               f"tcp port {PORT}"], name="tcpdump")
+    assert dump.pump.wait_line(r"listening on", 60), dump.pump.text()
     server = (pair["v4"] if family == 4 else pair["v6"]) + "1"
     want = run_clients(pair, [server])
     conns, stats = captured(cap, want)
     assert_identical(conns, want, stats)
     assert len(conns) == len(want)
     r = stats["reassembly"]
-    assert r["retransmitted"] > 0 and r["out_of_order"] > 0, f"netem did not act: {r}"
+    assert r["retransmitted"] > 0 and r["out_of_order"] > 0, f"the impairment did not act: {r}"
+    dump.send_signal(signal.SIGINT)
+    assert dump.wait(60) == 0, dump.pump.text()
+    assert_identical(reassemble_file(pcap), want, {"reassembly": {"holes": 0}, "capture": {"drops": 0}})
 
 
 @pytest.mark.parametrize("family", [4, 6])
