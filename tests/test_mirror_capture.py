@@ -346,3 +346,15 @@ def test_without_cap_net_raw_one_actionable_line(pair, how):
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     assert lines[0].startswith("gelf-mirror: error: capture needs root or CAP_NET_RAW: run it with sudo, "
                                "or setcap cap_net_raw+ep /"), lines[0]
+
+
+def test_bad_arguments_one_line_each(need_capture_root):
+    from gelf.mirror.capture import CaptureError, LiveCapture
+
+    for kw, words in (({"dev": "mcapnosuchdev"}, "no network interface 'mcapnosuchdev' here"),
+                      ({"bind": "10.0.0.300"}, "'10.0.0.300' is not an IPv4 or IPv6 address"),
+                      ({"ports": [0]}, "ports between 1 and 65535")):
+        args = {"ports": [PORT], **kw}
+        with pytest.raises(CaptureError) as info:
+            LiveCapture(args.pop("ports"), **args)
+        assert words in str(info.value) and "\n" not in str(info.value)

@@ -77,7 +77,13 @@ class LiveCapture:
         self.packets = 0
         self.segments = 0
         self._mm = self._view = None
-        program = bpf.tcp_filter(ports, bind, responses)  # a bad address fails before the socket
+        ports = list(ports)
+        if not ports or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+            raise CaptureError("capture needs server ports between 1 and 65535, not %r" % (ports,))
+        try:  # everything is checked before the socket exists
+            program = bpf.tcp_filter(ports, bind, responses)
+        except ValueError:
+            raise CaptureError("%r is not an IPv4 or IPv6 address to capture traffic to" % bind) from None
         try:
             self.sock = socket.socket(socket.AF_PACKET, socket.SOCK_DGRAM, socket.htons(ETH_P_ALL))
         except PermissionError:
