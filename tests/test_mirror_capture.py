@@ -358,3 +358,17 @@ def test_bad_arguments_one_line_each(need_capture_root):
         with pytest.raises(CaptureError) as info:
             LiveCapture(args.pop("ports"), **args)
         assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "recv"])
+def test_a_stalled_capture_loses_nothing(bg, pair, ring):
+    """The kernel holds what arrives while the capture is not reading (SIGSTOP): a burst."""
+    start_server(bg, pair)
+    cap = start_capture(bg, pair, ring=ring)
+    cap.send_signal(signal.SIGSTOP)
+    try:
+        want = run_clients(pair, [pair["v4"] + "1"], count=20, biggest=100_000)
+    finally:
+        cap.send_signal(signal.SIGCONT)
+    conns, stats = captured(cap, want)
+    assert_identical(conns, want, stats)
