@@ -294,7 +294,7 @@ def test_streams_survive_reorder_duplicates_and_loss(bg, pair, tmp_path, family,
     # A second capture, by libpcap, read back by pcapfile.py. Immediate mode: on SIGINT, tcpdump
     # does not write what still sits in a ring block the kernel has not handed over yet.
     pcap = tmp_path / "tcpdump.pcap"
-    dump = bg(["ip", "netns", "exec", pair["srv"], "tcpdump", "-i", pair["vs"], "--immediate-mode", "-w", str(pcap),
+    dump = bg(["ip", "netns", "exec", pair["srv"], "tcpdump", "-i", pair["vs"], "--immediate-mode", "-B", "65536", "-w", str(pcap),
                f"tcp port {PORT}"], name="tcpdump")
     assert dump.pump.wait_line(r"listening on", 60), dump.pump.text()
     server = (pair["v4"] if family == 4 else pair["v6"]) + "1"
@@ -306,6 +306,7 @@ def test_streams_survive_reorder_duplicates_and_loss(bg, pair, tmp_path, family,
     assert r["retransmitted"] > 0 and r["out_of_order"] > 0, f"the impairment did not act: {r}"
     dump.send_signal(signal.SIGINT)
     assert dump.wait(60) == 0, dump.pump.text()
+    assert dump.pump.wait_line(r"^0 packets dropped by kernel", 10), f"tcpdump lost packets:\n{dump.pump.text()}"
     assert_identical(reassemble_file(pcap), want, {"reassembly": {"holes": 0}, "capture": {"drops": 0}})
 
 

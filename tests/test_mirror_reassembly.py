@@ -239,3 +239,21 @@ def test_hole_timer_restarts_when_the_stream_moves():
     run(r, [up(1, ACK, b"ab")], now=11.5)  # the first fills: progress
     assert r.expire(13.0) == []
     assert kinds(r.expire(13.5)) == [("CLOSE", b"hole")]
+
+
+def test_a_lost_last_segment_shows_in_the_servers_ack():
+    r = Reassembler([80], responses=True, hole_timeout=2.0)
+    run(r, [up(0, SYN), down(500, SYN | ACK, b""), up(1, ACK, b"GET /a"), down(501, ACK, b"200", ts=1.0)],
+        now=10.0)
+    run(r, [down(504, ACK)._replace(ack=7 + 6)], now=10.5)  # acks 6 bytes the capture never saw
+    assert r.expire(12.0) == []
+    assert kinds(r.expire(12.5)) == [("CLOSE", b"hole")]
+
+
+def test_acks_of_what_was_seen_and_of_the_fin_are_no_hole():
+    r = Reassembler([80], responses=True, hole_timeout=2.0)
+    ev = run(r, [up(0, SYN), down(500, SYN | ACK)._replace(ack=1), up(1, ACK, b"req")._replace(ack=501),
+                 down(501, ACK, b"resp")._replace(ack=4), up(4, FIN | ACK)._replace(ack=505),
+                 down(505, ACK)._replace(ack=5)], now=10.0)
+    assert r.expire(30.0) == [] and ("CLOSE", b"fin") not in kinds(ev)
+    assert kinds(run(r, [down(505, FIN | ACK)._replace(ack=5)], now=31.0)) == [("CLOSE", b"fin")]

@@ -16,7 +16,9 @@ timer runs on the `now` the caller passes. The rules, in the order they apply:
   with CLOSE `fin` when every followed direction has delivered up to its FIN (only the client's,
   unless `responses`). RST ends it at once with `rst`; bytes waiting behind a hole are dropped.
 - Hole policy: a hole that has not filled after `hole_timeout` seconds, or with `hole_bytes`
-  waiting past it, ends the connection with CLOSE `hole`. A hole in the server-to-client
+  waiting past it, ends the connection with CLOSE `hole`. A hole is bytes missing before
+  bytes that arrived, before the FIN, or (with `responses`, which shows the peer's ACKs)
+  before what the peer acknowledged: the only way to see a lost last segment. A hole in the server-to-client
   direction does the same: the capture runs on the server, which sent those bytes, so only a
   ring overflow makes one, and a half-compared connection would mislead the report.
 - Bounds: `stream_bytes` waiting in one direction, `total_bytes` in all (the largest connection
@@ -64,12 +66,13 @@ def _address(client, server):
 class _Stream:
     """One direction. Offsets are relative to `base`, the sequence number of byte 0."""
 
-    __slots__ = ("base", "next", "fin", "starts", "pieces", "size", "gap_since")
+    __slots__ = ("base", "next", "fin", "known", "starts", "pieces", "size", "gap_since")
 
     def __init__(self, base):
         self.base = base
         self.next = 0  # offset of the next byte to deliver
         self.fin = None  # offset of the FIN, once seen
+        self.known = 0  # bytes before this offset exist: the FIN's, or what the peer acknowledged
         self.starts = []  # offsets of the pieces waiting past a hole, sorted, disjoint
         self.pieces = []
         self.size = 0  # bytes waiting
@@ -207,6 +210,7 @@ class Reassembler:
         end = a + len(data)
         if flags & _FIN and st.fin is None and end >= st.next:
             st.fin = end
+            st.known = max(st.known, end)
         if st.fin is not None and end > st.fin:
             data, end = data[:max(0, st.fin - a)], max(a, st.fin)
         before = st.next
@@ -232,15 +236,18 @@ class Reassembler:
                     self._deliver(conn, st, d, chunks, seg.ts, out)
         if st.done() and all(s is not None and s.done() for s in self._followed(conn)):
             self._close(conn, "fin", seg.ts, now, out)
-        elif st.starts or (st.fin is not None and st.next < st.fin):  # a hole, maybe just before the FIN
-            if st.gap_since is None or st.next != before:  # a new hole, or progress: its timer restarts
-                st.gap_since = now
-                self._gaps[key] = conn
-            self._check_hole(conn, st, seg.ts, now, out)
-        elif st.gap_since is not None:
-            st.gap_since = None
-            if all(s is None or s.gap_since is None for s in conn.streams):
-                self._gaps.pop(key, None)
+            return out
+        self._track(conn, st, before, seg.ts, now, out)
+        other = conn.streams[1 - d]
+        if flags & _ACK and other is not None and key in self._conns:
+            # The peer acknowledged bytes we may never have seen (the capture lost the last
+            # segment before a pause): a hole at the end, which no later segment would reveal.
+            acked = other.offset(seg.ack)
+            if other.fin is not None:
+                acked = min(acked, other.fin)  # the FIN's own sequence number is no byte
+            if acked > other.known:
+                other.known = acked
+                self._track(conn, other, other.next, seg.ts, now, out)
         return out
 
     def expire(self, now):
@@ -293,6 +300,18 @@ class Reassembler:
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._n["bytes_to_server" if d == TO_SERVER else "bytes_to_client"] += len(data)
         out.append(Event(Kind.DATA, conn.id, ts, d, data))
+
+    def _track(self, conn, st, before, ts, now, out):
+        """Start the hole timer of st (restart it if st moved since `before`), or stop it."""
+        if st.starts or st.next < st.known:
+            if st.gap_since is None or st.next != before:
+                st.gap_since = now
+                self._gaps[conn.key] = conn
+            self._check_hole(conn, st, ts, now, out)
+        elif st.gap_since is not None:
+            st.gap_since = None
+            if all(s is None or s.gap_since is None for s in conn.streams):
+                self._gaps.pop(conn.key, None)
 
     def _check_hole(self, conn, st, ts, now, out):
         if now - st.gap_since >= self.hole_timeout or st.size >= self.hole_bytes:
