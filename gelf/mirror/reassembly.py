@@ -6,12 +6,14 @@ timer runs on the `now` the caller passes. The rules, in the order they apply:
 - Direction comes from the server ports (the capture's port), not from who sent the SYN, so a
   connection already open when capture started is picked up at the first segment seen that
   carries data (or a SYN). A bare ACK, FIN or RST of an unknown connection opens nothing.
-- Sequence numbers are turned into 64-bit stream offsets relative to the next expected byte
-  (a signed 32-bit distance), so the wrap at 2**32 is invisible past that one function.
+- Sequence numbers become 64-bit stream offsets (stream.py: Stream.offset), so the wrap at
+  2**32 is invisible here.
 - In order bytes go out at once as DATA. Bytes before the next expected one are
-  retransmissions (dropped, counted). Bytes past a hole wait in a sorted list of disjoint
-  pieces. Overlaps: the bytes that arrived FIRST win, everywhere (a later segment only fills
-  what nothing covered yet), as Linux's receiver does for its out-of-order queue.
+  retransmissions (dropped, counted). Bytes past a hole wait in the Stream. Overlaps: the bytes
+  that arrived FIRST win, everywhere (a later segment only fills what nothing covered yet).
+  Retransmitted TCP bytes are the same bytes, so the choice matters only against a forger, and
+  one rule is easier to test than the kernel's mix (it lets a segment that covers older ones
+  replace them).
 - FIN: the direction ends at the FIN's offset; bytes past it are dropped. The connection ends
   with CLOSE `fin` when every followed direction has delivered up to its FIN (only the client's,
   unless `responses`). RST ends it at once with `rst`; bytes waiting behind a hole are dropped.
@@ -33,11 +35,11 @@ timer runs on the `now` the caller passes. The rules, in the order they apply:
 import itertools
 import socket
 import struct
-from bisect import bisect_right
 from collections import OrderedDict
 
 from gelf.mirror.events import TO_CLIENT, TO_SERVER, Event, Kind
 from gelf.mirror.packets import Flag
+from gelf.mirror.stream import SEQ_MASK, Stream
 
 HOLE_TIMEOUT = 2.0
 HOLE_BYTES = 1 << 20
@@ -51,8 +53,6 @@ MAX_TOMBSTONES = 100_000
 CLOSE_REASONS = ("fin", "rst", "idle", "hole", "memory", "shutdown")
 
 _FIN, _SYN, _RST, _ACK = int(Flag.FIN), int(Flag.SYN), int(Flag.RST), int(Flag.ACK)
-_MASK = 0xFFFFFFFF
-_HALF = 1 << 31
 _PORTS = struct.Struct("!BxHH")
 
 
@@ -61,73 +61,6 @@ def _address(client, server):
     family = socket.AF_INET6 if ":" in client[0] else socket.AF_INET
     return (_PORTS.pack(6 if family == socket.AF_INET6 else 4, client[1], server[1])
             + socket.inet_pton(family, client[0]) + socket.inet_pton(family, server[0]))
-
-
-class _Stream:
-    """One direction. Offsets are relative to `base`, the sequence number of byte 0."""
-
-    __slots__ = ("base", "next", "fin", "known", "starts", "pieces", "size", "gap_since")
-
-    def __init__(self, base):
-        self.base = base
-        self.next = 0  # offset of the next byte to deliver
-        self.fin = None  # offset of the FIN, once seen
-        self.known = 0  # bytes before this offset exist: the FIN's, or what the peer acknowledged
-        self.starts = []  # offsets of the pieces waiting past a hole, sorted, disjoint
-        self.pieces = []
-        self.size = 0  # bytes waiting
-        self.gap_since = None
-
-    def offset(self, seq):
-        d = (seq - self.base - self.next) & _MASK
-        return self.next + (d - (1 << 32) if d >= _HALF else d)
-
-    def done(self):
-        return self.fin is not None and self.next >= self.fin
-
-    def insert(self, a, data):
-        """Keep the parts of data (at offset a, past `next`) that no waiting piece covers."""
-        starts, pieces = self.starts, self.pieces
-        i = bisect_right(starts, a)
-        if i and starts[i - 1] + len(pieces[i - 1]) > a:  # the piece before covers our start
-            cut = starts[i - 1] + len(pieces[i - 1]) - a
-            a, data = a + cut, data[cut:]
-        added = 0
-        while data:
-            if i < len(starts) and starts[i] < a + len(data):
-                s = starts[i]
-                if s > a:
-                    starts.insert(i, a)
-                    pieces.insert(i, data[:s - a])
-                    added += s - a
-                    i += 1
-                cut = s + len(pieces[i]) - a
-                a, data = a + cut, data[cut:]
-                i += 1
-            else:
-                starts.insert(i, a)
-                pieces.insert(i, data)
-                added += len(data)
-                break
-        self.size += added
-        return added
-
-    def drain(self, out):
-        """Move the pieces that now touch `next` to out; return the bytes freed."""
-        starts, pieces = self.starts, self.pieces
-        n, freed = 0, 0
-        while n < len(starts) and starts[n] <= self.next:
-            piece = pieces[n]
-            freed += len(piece)
-            end = starts[n] + len(piece)
-            if end > self.next:
-                out.append(piece[self.next - starts[n]:])
-                self.next = end
-            n += 1
-        if n:
-            del starts[:n], pieces[:n]
-            self.size -= freed
-        return freed
 
 
 class _Conn:
@@ -187,7 +120,7 @@ class Reassembler:
                 return out
             self._tombs.pop(key, None)
             conn = self._open(key, seg, now, out)
-        elif new_syn and conn.streams[0] is not None and (seg.seq + 1) & _MASK != conn.streams[0].base:
+        elif new_syn and conn.streams[0] is not None and (seg.seq + 1) & SEQ_MASK != conn.streams[0].base:
             # a SYN that does not start the stream we follow: the tuple was reused, we missed the end
             self._close(conn, "rst", seg.ts, now, out)
             self._tombs.pop(key, None)
@@ -204,7 +137,7 @@ class Reassembler:
             return out
         st = conn.streams[d]
         if st is None:
-            st = conn.streams[d] = _Stream((seg.seq + 1 if flags & _SYN else seg.seq) & _MASK)
+            st = conn.streams[d] = Stream((seg.seq + 1 if flags & _SYN else seg.seq) & SEQ_MASK)
         data = seg.payload
         a = st.offset(seg.seq) + (1 if flags & _SYN else 0)
         end = a + len(data)
