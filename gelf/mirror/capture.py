@@ -9,7 +9,21 @@ Packets reach Python through one of two receive paths (`ring=`):
   with many packets each and hands over when full or after BLOCK_TIMEOUT_MS; one poll() per
   block, no system call per packet, and the kernel's own timestamp on every packet.
 - recv: recv_into on a large SO_RCVBUF, one system call per packet, time.time() per batch.
-MEASURED (bench/mirror_capture.py, this 2-core machine): see RECEIVE_PATH_NUMBERS below.
+
+Measured with bench/mirror_capture.py on this 2-core machine (kernel 6.18, CPython 3.11),
+100-byte TCP_NODELAY writes over a veth, same 32 MiB for both paths, CPU of the capture
+process from /proc (parse included):
+
+    load 20 000 pkt/s, 10 s     ring 1.8 us/pkt (3.6 % of a core)   recv 5.9 us/pkt (11.8 %)
+    load 50 000 pkt/s, 10 s     ring 1.7 us/pkt (8.5 %)             recv 3.2 us/pkt (15.9 %)
+    with reassembly (ring)      3.3 us/pkt at 20 000, 3.2 at 50 000 pkt/s
+    capture stopped, 100 000 small packets pass: ring drops 0, recv 28 013
+    capture stopped, 300 000 pass: ring keeps ~125 000 (tcpdump -B 32768: ~130 000), recv ~72 000
+    tcpdump -w /dev/null (C, the floor): 0.06-0.1 us/pkt
+
+The ring wins on both counts: half or a third of the CPU (no system call per packet) and
+nearly twice the burst, since a small packet costs ~250 bytes of ring but a whole skb's
+truesize (~1 KiB and more) of SO_RCVBUF. So ring=True is the default.
 """
 
 import mmap
@@ -42,8 +56,6 @@ BLOCK_SIZE = 128 << 10  # holds a 64 KiB GRO/TSO super-packet
 BLOCK_COUNT = 256  # 32 MiB of ring
 BLOCK_TIMEOUT_MS = 20  # also the longest a packet waits in the ring: mirroring latency
 RCVBUF = 32 << 20  # the recv path's buffer, the same 32 MiB
-
-RECEIVE_PATH_NUMBERS = "not measured yet"
 
 _BLOCK = struct.Struct("=12xII")  # tpacket_block_desc: version, offset_to_priv, h1: status, num_pkts, first
 _BLOCK_STATUS_AT = 8
