@@ -50,17 +50,18 @@ TOMBSTONE_TIMEOUT = 60.0
 MAX_STREAMS = 100_000
 MAX_TOMBSTONES = 100_000
 
-CLOSE_REASONS = ("fin", "rst", "idle", "hole", "memory", "shutdown")
+CLOSE_REASONS = ("fin", "rst", "idle", "hole", "memory", "shutdown")  # events.REASONS on m-out
 
 _FIN, _SYN, _RST, _ACK = int(Flag.FIN), int(Flag.SYN), int(Flag.RST), int(Flag.ACK)
-_PORTS = struct.Struct("!BxHH")
+_PORTS = struct.Struct("!BxHH")  # events.ADDRESS on m-out
 
 
-def _address(client, server):
-    """OPEN's data, the ADDRESS of docs/mirror.md (events.py's encoder replaces this at merge)."""
-    family = socket.AF_INET6 if ":" in client[0] else socket.AF_INET
-    return (_PORTS.pack(6 if family == socket.AF_INET6 else 4, client[1], server[1])
-            + socket.inet_pton(family, client[0]) + socket.inet_pton(family, server[0]))
+def _address(family, client, server):
+    """OPEN's data, the ADDRESS of docs/mirror.md. The same signature as events.address on
+    branch m-out, which replaces this helper at the merge (import it, delete this)."""
+    af = socket.AF_INET6 if family == 6 else socket.AF_INET
+    return (_PORTS.pack(family, client[1], server[1])
+            + socket.inet_pton(af, client[0]) + socket.inet_pton(af, server[0]))
 
 
 class _Conn:
@@ -226,7 +227,7 @@ class Reassembler:
         conn = _Conn(next(self._ids), key, now)
         self._conns[key] = conn
         self._n["opened"] += 1
-        out.append(Event(Kind.OPEN, conn.id, seg.ts, TO_SERVER, _address(*key)))
+        out.append(Event(Kind.OPEN, conn.id, seg.ts, TO_SERVER, _address(6 if ":" in key[0][0] else 4, *key)))
         return conn
 
     def _deliver(self, conn, st, d, chunks, ts, out):
