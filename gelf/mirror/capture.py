@@ -14,9 +14,9 @@ Measured with bench/mirror_capture.py on this 2-core machine (kernel 6.18, CPyth
 100-byte TCP_NODELAY writes over a veth, same 32 MiB for both paths, CPU of the capture
 process from /proc (parse included):
 
-    load 20 000 pkt/s, 10 s     ring 1.8 us/pkt (3.6 % of a core)   recv 5.9 us/pkt (11.8 %)
-    load 50 000 pkt/s, 10 s     ring 1.7 us/pkt (8.5 %)             recv 3.2 us/pkt (15.9 %)
-    with reassembly (ring)      3.3 us/pkt at 20 000, 3.2 at 50 000 pkt/s
+    load 20 000 pkt/s, 10 s     ring 1.5 us/pkt (3.0 % of a core)   recv 4.4-5.9 us/pkt (8.8-11.8 %)
+    load 50 000 pkt/s, 10 s     ring 1.4 us/pkt (7.2 %)             recv 3.2 us/pkt (15.9 %)
+    with reassembly (ring)      3.1 us/pkt at 20 000, 3.0 at 50 000 pkt/s (15 % of a core)
     capture stopped, 100 000 small packets pass: ring drops 0, recv 28 013
     capture stopped, 300 000 pass: ring keeps ~125 000 (tcpdump -B 32768: ~130 000), recv ~72 000
     tcpdump -w /dev/null (C, the floor): 0.06-0.1 us/pkt
