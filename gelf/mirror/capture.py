@@ -11,8 +11,9 @@ Packets reach Python through one of two receive paths (`ring=`):
 - recv: recv_into on a large SO_RCVBUF, one system call per packet, time.time() per batch.
 
 Measured with bench/mirror_capture.py on this 2-core machine (kernel 6.18, CPython 3.11),
-100-byte TCP_NODELAY writes over a veth, same 32 MiB for both paths, CPU of the capture
-process from /proc (parse included):
+100-byte TCP_NODELAY writes over a veth, 32 MiB of ring against SO_RCVBUF 32 MiB (which
+the kernel doubles to 64 MiB for skb overhead), CPU of the capture process from /proc, parse
+included:
 
     load 20 000 pkt/s, 10 s     ring 1.5 us/pkt (3.0 % of a core)   recv 4.4-5.9 us/pkt (8.8-11.8 %)
     load 50 000 pkt/s, 10 s     ring 1.4 us/pkt (7.2 %)             recv 3.2 us/pkt (15.9 %)
@@ -22,8 +23,8 @@ process from /proc (parse included):
     tcpdump -w /dev/null (C, the floor): 0.06-0.1 us/pkt
 
 The ring wins on both counts: half or a third of the CPU (no system call per packet) and
-nearly twice the burst, since a small packet costs ~250 bytes of ring but a whole skb's
-truesize (~1 KiB and more) of SO_RCVBUF. So ring=True is the default.
+nearly twice the burst in half the memory, since a small packet costs ~270 bytes of ring but
+a whole skb's truesize (~930 bytes) of receive buffer. So ring=True is the default.
 """
 
 import mmap
