@@ -389,7 +389,8 @@ addr, port, flag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 before, after = os.urandom(50_000), os.urandom(120_000)
 c = socket.create_connection((addr, port), timeout=120)
 c.sendall(before)
-while struct.unpack("i", fcntl.ioctl(c.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]:
+acked_by = time.monotonic() + 60
+while struct.unpack("i", fcntl.ioctl(c.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0] and time.monotonic() < acked_by:
     time.sleep(0.01)  # until the server has acknowledged all of it: nothing in flight
 print("connected", flush=True)
 deadline = time.monotonic() + 120
