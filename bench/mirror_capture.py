@@ -161,8 +161,8 @@ def main():
         print("|---|---:|---:|---:|---:|---:|---:|")
         for mode in args.modes.split(","):
             r = row(mode, args.rate, args.seconds, args.burst)
-            print("| %(mode)s | %(sent)d | %(cpu_pct).1f | %(us_per_pkt).2f | %(burst)d | %(captured)d | %(drops)d |" % r,
-                  flush=True)
+            print("| %(mode)s | %(sent)d | %(cpu_pct).1f | %(us_per_pkt).2f | %(burst)d | %(captured)d "
+                  "| %(drops)d |" % r, flush=True)
         sink.kill()
     finally:
         cleanup()

@@ -1,6 +1,7 @@
 """gelf.mirror.capture with reassembly, on real traffic (root): a server namespace and a client
 namespace joined by a veth pair, packets reordered (25 %), duplicated (5 %) and lost (1 %) on both
-ends (tc netem, or nftables and HTB where the kernel lacks netem), and the capture running in the server's namespace as production's host would.
+ends (tc netem, or nftables and HTB where the kernel lacks netem), and the capture running in
+the server's namespace as production's host would.
 
 The oracle is what the clients sent and received (each prints its bytes' SHA-256 and length):
 every client-to-server stream, and every response, is reassembled byte-identical, exactly once.
@@ -105,7 +106,8 @@ while True:
 
 CLIENTS = r"""
 import concurrent.futures, hashlib, json, random, socket, sys
-addrs, port, count, seed, biggest = sys.argv[1].split(","), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+addrs = sys.argv[1].split(",")
+port, count, seed, biggest = (int(a) for a in sys.argv[2:6])
 rng = random.Random(seed)
 jobs = [(addrs[i % len(addrs)], rng.randbytes(rng.randint(0, biggest)), rng.randint(1, 1 << 16)) for i in range(count)]
 
@@ -294,8 +296,8 @@ def test_streams_survive_reorder_duplicates_and_loss(bg, pair, tmp_path, family,
     # A second capture, by libpcap, read back by pcapfile.py. Immediate mode: on SIGINT, tcpdump
     # does not write what still sits in a ring block the kernel has not handed over yet.
     pcap = tmp_path / "tcpdump.pcap"
-    dump = bg(["ip", "netns", "exec", pair["srv"], "tcpdump", "-i", pair["vs"], "--immediate-mode", "-B", "65536", "-w", str(pcap),
-               f"tcp port {PORT}"], name="tcpdump")
+    dump = bg(["ip", "netns", "exec", pair["srv"], "tcpdump", "-i", pair["vs"], "--immediate-mode", "-B", "65536",
+               "-w", str(pcap), f"tcp port {PORT}"], name="tcpdump")
     assert dump.pump.wait_line(r"listening on", 60), dump.pump.text()
     server = (pair["v4"] if family == 4 else pair["v6"]) + "1"
     want = run_clients(pair, [server])
