@@ -27,6 +27,7 @@ nearly twice the burst in half the memory, since a small packet costs ~270 bytes
 a whole skb's truesize (~930 bytes) of receive buffer. So ring=True is the default.
 """
 
+import errno
 import mmap
 import os
 import select
@@ -119,9 +120,9 @@ class LiveCapture:
             self._drops["kernel"] = self._drops["kernel_packets"] = 0
         except OSError as e:
             self.close()
-            if dev and e.errno == 19:
+            if dev and e.errno == errno.ENODEV:
                 raise CaptureError("no network interface %r here (ip link lists them)" % dev) from None
-            raise
+            raise CaptureError("cannot start the capture: %s" % (e.strerror or e)) from None
 
     def _drain(self):
         self.sock.setblocking(False)
