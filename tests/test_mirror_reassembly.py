@@ -257,3 +257,20 @@ def test_acks_of_what_was_seen_and_of_the_fin_are_no_hole():
                  down(505, ACK)._replace(ack=5)], now=10.0)
     assert r.expire(30.0) == [] and ("CLOSE", b"fin") not in kinds(ev)
     assert kinds(run(r, [down(505, FIN | ACK)._replace(ack=5)], now=31.0)) == [("CLOSE", b"fin")]
+
+
+def test_stream_bytes_bound_closes_with_memory():
+    r = Reassembler([80], hole_bytes=10_000, stream_bytes=100)
+    ev = run(r, [up(0, SYN), up(50, ACK, b"x" * 60), up(200, ACK, b"y" * 60)])
+    assert kinds(ev)[-1] == ("CLOSE", b"memory") and r.stats()["waiting_bytes"] == 0
+
+
+def test_tombstones_are_bounded_and_expire():
+    r = Reassembler([80], max_tombstones=3, tombstone_timeout=60)
+    for port in range(10):
+        run(r, [up(0, SYN, client=("10.0.0.1", port)), up(1, FIN | ACK, client=("10.0.0.1", port))], now=1.0)
+    assert r.stats()["tombstones"] == 3
+    r.expire(61.0)
+    assert r.stats()["tombstones"] == 0
+    # with its tombstone gone, a late duplicate is taken for a connection picked up mid-stream
+    assert kinds(run(r, [up(1, ACK, b"late", client=("10.0.0.1", 9))], now=62.0)) == [("OPEN", None), ("DATA", None)]
