@@ -57,6 +57,8 @@ TP_STATUS_KERNEL = 0
 BLOCK_SIZE = 128 << 10  # holds a 64 KiB GRO/TSO super-packet
 BLOCK_COUNT = 256  # 32 MiB of ring
 BLOCK_TIMEOUT_MS = 20  # also the longest a packet waits in the ring: mirroring latency
+BLOCKS_PER_READ = 32  # a read returns after this many, so the caller's timers keep running
+PACKETS_PER_READ = 4096
 RCVBUF = 32 << 20  # the recv path's buffer, the same 32 MiB
 
 _BLOCK = struct.Struct("=12xII")  # tpacket_block_desc: version, offset_to_priv, h1: status, num_pkts, first
@@ -153,7 +155,7 @@ class LiveCapture:
         base = self._block * BLOCK_SIZE
         if mm[base + _BLOCK_STATUS_AT] & TP_STATUS_USER == 0:
             self._poll.poll(int(timeout * 1000))
-        while True:
+        for _ in range(BLOCKS_PER_READ):
             base = self._block * BLOCK_SIZE
             if mm[base + _BLOCK_STATUS_AT] & TP_STATUS_USER == 0:
                 break
@@ -172,12 +174,12 @@ class LiveCapture:
         return out
 
     def _read_recv(self, timeout):
-        """The hot path of the recv variant: recv_into until the socket is empty."""
+        """The hot path of the recv variant: recv_into until the socket is empty (or a bound)."""
         out, why, buf, sock = [], self._why, self._bufview, self.sock
         if not select.select([sock], [], [], timeout)[0]:
             return out
         ts = time.time()
-        while True:
+        for _ in range(PACKETS_PER_READ):
             try:
                 n = sock.recv_into(buf)
             except BlockingIOError:
