@@ -8,6 +8,7 @@ Dispatcher from other sources; nothing else in the outputs knows where events co
 import socket
 import time
 
+from gelf.mirror import capture, reassembly
 from gelf.options import UserError
 
 
@@ -26,11 +27,9 @@ def check_privileges():
 def live_events(port, bind, stop, responses=False, tick=0.25):
     """Batches of Events for the connections to `port` (to address `bind` only, if given)."""
     try:
-        from gelf.mirror import capture, reassembly
-    except ImportError as err:
-        raise UserError("live capture is not part of this build (%s): use --replay FILE" % err) from None
-    # The capture API as docs/mirror.md gives it; the merge with m-capture adjusts these lines.
-    live = capture.LiveCapture(port=port, bind=bind)
+        live = capture.LiveCapture([port], bind=bind, responses=responses)
+    except capture.CaptureError as err:  # no CAP_NET_RAW, a bad --bind, no packet ring...
+        raise UserError(str(err)) from None
     reassembler = reassembly.Reassembler([port], responses=responses)
     next_expire = time.monotonic() + tick
     try:
