@@ -233,11 +233,12 @@ def test_harness_impaired_path(topo):
 def test_harness_staging_fail_path_and_stall(topo):
     """A staging server answers 500 on its fail path only; a stalled one accepts and never reads."""
     t = topo()
-    t.staging("stg1", fail_path="/e2e/f/0/1")
+    fail = "/e2e/f/0/0"
+    t.staging("stg1", fail_path=fail)
     stall = t.staging("stg2", mode="stall")
-    sent, summary = t.load(hostport(v4("stg1"), STAGING_PORT), 3, "f", per_conn=3, pipelined=0, posts=0,
-                           parallel=1)
-    assert [r["status"] for r in sent] == [200, 500, 200]
+    sent, summary = t.load(hostport(v4("stg1"), STAGING_PORT), 6, "f", per_conn=3, pipelined=0.5, posts=0.5)
+    assert [r["status"] for r in sent] == [500 if r["path"].split("?")[0] == fail else 200 for r in sent]
+    assert sorted(r["status"] for r in sent) == [200] * 5 + [500]
     code = ("import socket,sys; s=socket.create_connection((sys.argv[1],%d),10); s.settimeout(5)\n"
             "try:\n s.sendall(b'x'*(8<<20)); print('sent')\nexcept socket.timeout: print('stalled')" % STAGING_PORT)
     assert t.run_in("cli", [mh.PYTHON, "-c", code, v4("stg2")]).stdout.strip() == "stalled"
