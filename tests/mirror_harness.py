@@ -269,7 +269,8 @@ class Topology:
         return Path(d)
 
     def run_in(self, role, cmd, timeout=60, check=True):
-        return sh(["ip", "netns", "exec", self.ns[role]] + [str(c) for c in cmd], check=check, timeout=timeout)
+        return sh(["ip", "netns", "exec", self.ns[role]] + [str(c) for c in cmd], check=check, timeout=timeout,
+                  cwd=REPO)
 
     def listening(self, role):
         """(address, port) of every TCP listener in role's namespace."""
@@ -347,20 +348,30 @@ class Topology:
                                                                        res.stderr[-3000:]))
         return records, summary
 
-    def warm_up(self, target, stagings, timeout=60, tag="warm"):
-        """Send small GETs to production until one has reached every staging server: the mirror is
-        capturing and its upstreams are connected. Warm-up paths are /warm/...; comparisons skip them."""
+    def warm_up(self, target, stagings, timeout=60, tag="warm", copies=1):
+        """Send small GETs to production until one of them has reached every staging server
+        (`copies` times: through that many mirrors): the mirror is capturing and its upstreams are
+        connected. Warm-up paths are /warm/...; comparisons skip them."""
         deadline = time.monotonic() + timeout
         k = 0
+
+        def arrived(staging):
+            counts = {}
+            for r in staging.requests():
+                if r["path"].startswith("/warm/%s" % tag):
+                    path = r["path"].split("/")[2]
+                    counts[path] = counts.get(path, 0) + 1
+            return counts
+
         while True:
             k += 1
             self.load(target, 1, "%s%d" % (tag, k), path_prefix="/warm", timeout=60)
-            if all(any(r["path"].startswith("/warm/%s" % tag) for r in s.requests()) for s in stagings):
+            seen = [arrived(s) for s in stagings]
+            if any(all(c.get("%s%d" % (tag, j), 0) >= copies for c in seen) for j in range(1, k + 1)):
                 return k
             if time.monotonic() > deadline:
-                raise TimeoutError("no warm-up request reached %s within %ss" % (
-                    [s.name for s in stagings if not any(r["path"].startswith("/warm/") for r in s.requests())],
-                    timeout))
+                raise TimeoutError("warm-up: no request reached all of %s %d time(s) within %ss (arrived: %s)"
+                                   % ([s.name for s in stagings], copies, timeout, seen))
             time.sleep(0.5)
 
 
