@@ -44,7 +44,7 @@ STG_PORT = 18380
 ROWS = ["alone", "tcpdump", "mirror"]
 LABELS = {"alone": "production alone (nginx)", "tcpdump": "`tcpdump -w /dev/null` (capture floor)",
           "mirror": "gelf-mirror capture → plain staging"}
-GET_RATES = [1000, 2000, 3000, 5000, 7500, 10000, 15000, 20000]
+GET_RATES = [1000, 2000, 3000, 5000, 7500, 10000, 15000, 20000, 30000, 50000]
 POST_RATES = [50, 100, 200, 400, 800, 1600]  # x 64 KiB: 3.3 to 105 MB/s
 POST_SIZE = 65536
 REFERENCE_RATE = 1000  # CPU, RSS and latency are measured at this rate
@@ -213,8 +213,9 @@ class Mirror:
                 raise B.RowFailed("tcpdump printed no drop count: %s" % tcpdump.tail())
         else:
             figures["missing"] = 0
-        B.log("mirror %s: %s %s req/s -> %.0f req/s, p99 %s ms, missing %s%s" % (
+        B.log("mirror %s: %s %s req/s -> %.0f req/s, p99 %s ms, missing %s, wrk errors %d, non-2xx %d%s" % (
             row, "POST" if post else "GET", rate or "max", figures["rate"], figures["p99"], figures["missing"],
+            figures["errors"], figures["non2xx"],
             ", capture CPU %.0f%%" % figures["cpu"] if "cpu" in figures else ""))
         return figures
 
@@ -364,7 +365,8 @@ def report(results):
             "of 64 KiB, then unpaced), stopping at the first step with anything missing. Rates are what "
             "production's access log counted per second of the step. Missing: tcpdump's kernel drops, or "
             "requests production served that staging's access log never showed. CPU: utime+stime of the "
-            "capturing process over the step at %d req/s; RSS then (peak: VmHWM at the end)." % (
+            "capturing process over the step at %d req/s (the kernel's copy of each packet into the capture's "
+            "buffer is charged to the sending side, not to it); RSS then (peak: VmHWM at the end)." % (
                 ", ".join(map(str, GET_RATES)), ", ".join(map(str, POST_RATES)), REFERENCE_RATE), ""]
     return "\n".join(out)
 
