@@ -671,7 +671,7 @@ class Bench:
                 self.pings, "failed: %s" % rtt["failed"] if "failed" in rtt else
                 "median %.3f ms, p99 %.3f ms" % (rtt["median"], rtt["p99"]))]
             out.append("")
-        out += [
+        out += [] if not tap_rows and "R3" not in rows else [
             "Legend: A and B are network namespaces (10.90.0.1 and .2/24, IPv6 off). TCP: iperf3 %d s per "
             "direction, receiver's rate. ×R2: TCP rate over R2's in the same run. UDP: iperf3 -u -l 1400 -b %s "
             "for %d s, loss and rate at the receiver. RTT: %d pings at 10 ms intervals, idle link. CPU s: "
