@@ -522,3 +522,27 @@ def test_bad_input_on_a_relay_port(need_cli, topo):
     assert res.returncode == 1, text
     assert len(text.splitlines()) == 1 and text.startswith("gelf-mirror: error:"), text
     assert "CAP_NET_RAW" in text, text
+
+
+def test_harness_bench_parsers():
+    """bench/mirror.py reads wrk's and tcpdump's output and paces wrk as documented."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_mirror", mh.REPO / "bench" / "mirror.py")
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    wrk = ("  Latency Distribution\n     50%   68.00us\n     75%   71.00us\n     90%   92.00us\n"
+           "     99%    1.36ms\n  412783 requests in 2.00s, 59.05MB read\n"
+           "  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 5\n"
+           "Requests/sec: 206341.77\n")
+    assert bm.parse_wrk(wrk) == {"rps": 206341.77, "p50": 0.068, "p99": 1.36, "errors": 3, "non2xx": 5}
+    assert bm.parse_wrk("unable to connect")["rps"] is None
+    assert bm.tcpdump_dropped("12 packets captured\n12 packets received by filter\n3 packets dropped by kernel") == 3
+    for rate in (50, 1000, 15000, 50000):
+        conns, delay = bm.pacing(rate)
+        assert abs(conns * 1000 / delay - rate) / rate < 0.05
+    steps = [{"rate": 900.0, "missing": 0, "errors": 0, "non2xx": 0},
+             {"rate": 5000.0, "missing": 0, "errors": 0, "non2xx": 0},
+             {"rate": 9000.0, "missing": 12, "errors": 0, "non2xx": 0}]
+    assert bm.best(steps, False) == "5000 req/s (next: 9000 req/s, 12 missing)"
+    assert bm.best(steps[:2], True) == "327.7 MB/s"
