@@ -228,8 +228,8 @@ class Mirror:
         rates = list(rates)
         while True:
             rate = rates.pop(0) if rates else None
-            if rate is None and capture is not None:  # the peak before the overload, for the RSS goal
-                out["peak_paced"] = max(out.get("peak_paced", 0), peak(capture.pid) or 0)
+            if rate is None and capture is not None:  # the peak before the first overload, for the RSS goal
+                out.setdefault("peak_paced", peak(capture.pid))
             f = self.step(scope, row, rate, post, capture)
             steps.append(f)
             if f["missing"] or f["errors"] or f["non2xx"] or rate is None:
@@ -345,7 +345,7 @@ def report(results):
                "--quick, " if run_.get("quick") else "", run_.get("elapsed", 0), run_.get("load_before", 0),
                run_.get("load_after", 0)), "",
            "| row | small GETs, highest rate with 0 missing | 64 KiB POSTs, highest with 0 missing "
-           "| capture CPU %% of a core @%d req/s | capture RSS MB @%d req/s (peak paced / after overload) | production p50 / p99 ms @%d req/s "
+           "| capture CPU %% of a core @%d req/s | capture RSS MB @%d req/s (peak over the paced GETs / at the end) | production p50 / p99 ms @%d req/s "
            "| notes |" % (REFERENCE_RATE, REFERENCE_RATE, REFERENCE_RATE),
            "|---|--:|--:|--:|--:|--:|---|"]
     for row in ROWS:
@@ -376,7 +376,7 @@ def report(results):
             "production's access log counted per second of the step. Missing: tcpdump's kernel drops, or "
             "requests production served that staging's access log never showed. CPU: utime+stime of the "
             "capturing process over the step at %d req/s (the kernel's copy of each packet into the capture's "
-            "buffer is charged to the sending side, not to it); RSS then; peaks: VmHWM before the unpaced steps, and at the end, after them (they overload the capture on purpose)." % (
+            "buffer is charged to the sending side, not to it); RSS then; peaks: VmHWM after the paced GET steps, and at the end, after the unpaced steps (which overload the capture on purpose) and the POSTs." % (
                 ", ".join(map(str, GET_RATES)), ", ".join(map(str, POST_RATES)), REFERENCE_RATE), ""]
     return "\n".join(out)
 
