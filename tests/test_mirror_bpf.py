@@ -103,7 +103,21 @@ def test_loopback_keeps_one_copy():
     p = bpf.tcp_filter([80], responses=True)
     assert run_filter(p, to(80), V4, OUTGOING, LOOPBACK) == 0
     assert run_filter(p, to(80), V4, HOST, LOOPBACK) == bpf.SNAPLEN
-    assert run_filter(p, to(80), V4, OUTGOING, ETHER) == bpf.SNAPLEN  # a veth's outgoing copy is the only one
+    reply = ipv4("10.0.0.1", "10.0.0.2", tcp(80, 40000, 1, 1, 0x10))
+    assert run_filter(p, reply, V4, HOST, LOOPBACK) == bpf.SNAPLEN  # both ends are here: kept
+
+
+def test_only_what_this_host_serves_not_its_own_connections_elsewhere():
+    """A request comes in and a response goes out. This host's own connections to another
+    port-80 server (a replay to a plain upstream on port 80: Gopher's `-u machineD`) go the
+    other way, and were mirrored again and again before this rule."""
+    p = bpf.tcp_filter([80], responses=True)
+    reply = ipv4("10.0.0.1", "10.0.0.2", tcp(80, 40000, 1, 1, 0x10))
+    assert run_filter(p, to(80), V4, HOST, ETHER) == bpf.SNAPLEN
+    assert run_filter(p, reply, V4, OUTGOING, ETHER) == bpf.SNAPLEN
+    assert run_filter(p, to(80), V4, OUTGOING, ETHER) == 0  # our own request to someone's port 80
+    assert run_filter(p, reply, V4, HOST, ETHER) == 0  # and that server's answer
+    assert run_filter(p, to6(80), V6, OUTGOING, ETHER) == 0
 
 
 def test_bind_v4_and_v6():
@@ -111,15 +125,15 @@ def test_bind_v4_and_v6():
     assert run_filter(p4, to(80), V4) == bpf.SNAPLEN
     assert run_filter(p4, to(80, dst="10.0.0.3"), V4) == 0
     assert run_filter(p4, to6(80), V6) == 0
-    assert run_filter(p4, ipv4("10.0.0.1", "10.0.0.2", tcp(80, 40000, 1, 1, 0x10)), V4) == bpf.SNAPLEN
-    assert run_filter(p4, ipv4("10.0.0.3", "10.0.0.2", tcp(80, 40000, 1, 1, 0x10)), V4) == 0
+    assert run_filter(p4, ipv4("10.0.0.1", "10.0.0.2", tcp(80, 40000, 1, 1, 0x10)), V4, OUTGOING) == bpf.SNAPLEN
+    assert run_filter(p4, ipv4("10.0.0.3", "10.0.0.2", tcp(80, 40000, 1, 1, 0x10)), V4, OUTGOING) == 0
     p6 = bpf.tcp_filter([80], bind="fd00::1", responses=True)
     assert run_filter(p6, to6(80), V6) == bpf.SNAPLEN
     assert run_filter(p6, to6(80, dst="fd00::1:0"), V6) == 0
     assert run_filter(p6, to6(80, dst="fd01::1"), V6) == 0
     assert run_filter(p6, to(80), V4) == 0
-    assert run_filter(p6, ipv6("fd00::1", "fd00::2", tcp(80, 40000, 1, 1, 0x10)), V6) == bpf.SNAPLEN
-    assert run_filter(p6, ipv6("fd00::3", "fd00::2", tcp(80, 40000, 1, 1, 0x10)), V6) == 0
+    assert run_filter(p6, ipv6("fd00::1", "fd00::2", tcp(80, 40000, 1, 1, 0x10)), V6, OUTGOING) == bpf.SNAPLEN
+    assert run_filter(p6, ipv6("fd00::3", "fd00::2", tcp(80, 40000, 1, 1, 0x10)), V6, OUTGOING) == 0
 
 
 def test_truncated_packets_are_dropped_not_misread():

@@ -134,9 +134,25 @@ def _ports(p, ports, responses, fam):
 
 
 def _address(p, addr, fam, dst_at, src_at):
-    """dst<fam>/src<fam>: accept if the server's address is `addr` (or always, without one)."""
+    """dst<fam>/src<fam>: accept if the packet goes the way a server's does (below), and if the
+    server's address is `addr` (or always, without one).
+
+    Direction: on a real interface a request comes in and a response goes out. Without this
+    check, this host's own connections to some other port-80 server (gelf-mirror's replays to a
+    plain upstream on port 80 among them: Gopher's `-u machineD`) were captured and mirrored
+    again, each request some 40 times in 8 s. On loopback both ends are here: every copy kept
+    there is an incoming one, so loopback is let through (a replay to a local port-80 upstream
+    is mirrored again: docs/mirror.md)."""
     for name, at in (("dst" + fam, dst_at), ("src" + fam, src_at)):
         p.label(name)
+        _ancillary(p, SKF_AD_PKTTYPE)                     # A = direction of this copy
+        if name.startswith("dst"):                        # a request: never one we send
+            p.op(JMP | JEQ | K, PACKET_OUTGOING, "drop", None)
+        else:                                             # a response: one we send, or loopback
+            p.op(JMP | JEQ | K, PACKET_OUTGOING, name + "ok", None)
+            _ancillary(p, SKF_AD_HATYPE)
+            p.op(JMP | JEQ | K, ARPHRD_LOOPBACK, None, "drop")
+            p.label(name + "ok")
         if addr is None:
             p.op(JMP | JA, "accept")
             continue
