@@ -29,7 +29,7 @@ SOAK_ARGS   ?=
 # what the tests and the benchmark need on top: command to look for, and Debian package.
 RUN_DEPS  := sudo:sudo python:python-is-python3 ip:iproute2 python3-venv:python3-venv
 TEST_DEPS := $(RUN_DEPS) chromium:chromium iperf3:iperf3 ping:iputils-ping tcpdump:tcpdump \
-             openssl:openssl systemd-analyze:systemd nft:nftables
+             openssl:openssl systemd-analyze:systemd nft:nftables nginx:nginx-light wrk:wrk
 
 .PHONY: setup venv sysdeps sysdeps-run install-deps run test bench soak clean
 

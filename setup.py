@@ -16,10 +16,10 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     license="MIT",
-    packages=["gelf"],
+    packages=["gelf", "gelf.mirror", "gelf.mirror.outputs"],
     python_requires=">=3.9",
     install_requires=["CherryPy>=18", "ws4py>=0.5.1", "cryptography>=41", "numpy>=1.24", "python-pytun>=2.4",
-                      "prometheus-client>=0.16"],
+                      "prometheus-client>=0.16", "httptools>=0.6"],
     data_files=[("share/gelf/static", files("static")), ("share/gelf/templates", files("templates"))],
-    entry_points={"console_scripts": ["gelf = gelf.cli:main"]},
+    entry_points={"console_scripts": ["gelf = gelf.cli:main", "gelf-mirror = gelf.mirror.cli:main"]},
 )

@@ -19,6 +19,8 @@ Rows:
   relay        `gelf relay` between the two servers
   browser      headless Chromium on server1's page with ?peer=server2
   *-enc        the same with --key on both servers
+  pressure     bench/pressure.py: what misbehaving or numerous clients cost the others
+  mirror       bench/mirror.py: gelf-mirror (issue 9) beside production alone and tcpdump
   wan          the WAN part, bench/wan.py: gelf and plain TCP over an emulated wide-area path
 
 Output: Markdown tables on stdout and in bench/results.md (a run of only the LAN rows, or only
@@ -46,6 +48,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import mirror  # bench/mirror.py: the mirror section (issue 9)
 import pressure  # bench/pressure.py: the "under pressure" section (issue 15)
 
 BENCH = Path(__file__).resolve().parent
@@ -63,7 +66,7 @@ TAG = "gb%d" % (os.getpid() % 10000)  # prefix of interface names (at most 15 ch
 BUDGET = 570  # seconds: rows that would start later are skipped, so the LAN part stays < 10 min
 
 TAP_ROWS = ["R1", "R2", "direct", "direct-enc", "relay", "relay-enc", "browser", "browser-enc"]
-ALL_ROWS = ["R1", "R2", "R3"] + TAP_ROWS[2:] + ["pressure"]
+ALL_ROWS = ["R1", "R2", "R3"] + TAP_ROWS[2:] + ["pressure", "mirror"]
 WAN = "wan"  # the WAN part (bench/wan.py): its own table, after the rows above
 WAN_HEADING = "## WAN"  # where the WAN part starts in RESULTS
 LABELS = {
@@ -630,6 +633,8 @@ class Bench:
                     self.r3_row()
                 elif row == "pressure":
                     self.results[row] = pressure.run(self)
+                elif row == "mirror":
+                    self.results[row] = mirror.run(self)
                 else:
                     self.tap_row(row)
                 log("row %s done in %.0f s%s" % (row, time.monotonic() - t,
@@ -647,7 +652,7 @@ class Bench:
 
     def report(self, rows, elapsed):
         out = ["# gelf benchmark", ""] + header(self.args.quick, elapsed, self.load)
-        tap_rows = [r for r in rows if r not in ("R3", "pressure")]
+        tap_rows = [r for r in rows if r not in ("R3", "pressure", "mirror")]
         if tap_rows:
             out += ["| row | TCP A→B Gbit/s | TCP B→A Gbit/s | ×R2 (A→B / B→A) | UDP loss %% @%s (rx Mbit/s) "
                     "| RTT median ms | RTT p99 ms | CPU s | peak RSS MB | notes |" % self.rate,
@@ -671,7 +676,7 @@ class Bench:
                 self.pings, "failed: %s" % rtt["failed"] if "failed" in rtt else
                 "median %.3f ms, p99 %.3f ms" % (rtt["median"], rtt["p99"]))]
             out.append("")
-        out += [
+        out += [] if not tap_rows and "R3" not in rows else [
             "Legend: A and B are network namespaces (10.90.0.1 and .2/24, IPv6 off). TCP: iperf3 %d s per "
             "direction, receiver's rate. ×R2: TCP rate over R2's in the same run. UDP: iperf3 -u -l 1400 -b %s "
             "for %d s, loss and rate at the receiver. RTT: %d pings at 10 ms intervals, idle link. CPU s: "
@@ -682,6 +687,8 @@ class Bench:
             % (self.tcp_s, self.rate, self.udp_s, self.pings), ""]
         if "pressure" in rows:
             out.append(pressure.report(self.results.get("pressure", {})))
+        if "mirror" in rows:
+            out.append(mirror.report(self.results.get("mirror", {})))
         return "\n".join(out)
 
     def table_row(self, row):

@@ -342,6 +342,10 @@ def main(argv=None):
         from gelf import relay
 
         return relay.main(argv[1:])
+    if argv[:1] == ["mirror"]:
+        from gelf.mirror import cli as mirror
+
+        return mirror.main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     try:

@@ -66,6 +66,7 @@ class Link:
 
     kind = "link"
     client = False  # True for links we dialed: WebSocket clients mask what they send
+    lossless = False  # True: no message is dropped for its delay (gelf-mirror's streams need them all)
 
     def __init__(self, peer, drops, deliver=None):
         self.id = next(_ids)
@@ -99,18 +100,19 @@ class Link:
     # ---------------------------------------------------------------- any thread
 
     def offer(self, message):
-        """Send one gelf message as a binary WebSocket message; never blocks, drops when full."""
+        """Send one gelf message as a binary WebSocket message; never blocks, drops when full.
+        False if the message was dropped (full, or not connected)."""
         with self._lock:
             ws = self.ws
             if ws is None or self._closing:
-                return  # not connected (a link still dialing), or closing
+                return False  # not connected (a link still dialing), or closing
             if self._head is not None or self._queue:
                 if len(self._queue) >= QUEUE_MESSAGES or self._queued >= self.queue_bytes:
                     self._dropped += 1  # under the link's lock only: a stuck link costs little
-                    return
+                    return False
                 self._queue.append((time.monotonic(), message))
                 self._queued += len(message)
-                return
+                return True
             self.progress = time.monotonic()  # from now on, something waits for the peer
             if self.tls:
                 self._queue.append((time.monotonic(), message))
@@ -119,6 +121,7 @@ class Link:
                 self.tx.add(len(message))
                 self._send_now(ws.send_binary(message))
             self._want_write()
+            return True
 
     def _send_now(self, data):
         """Write what a plain TCP socket takes at once; keep the rest as the head of the queue."""
@@ -224,7 +227,7 @@ class Link:
         (control frames never are)."""
         parts, size = [], 0
         queue = self._queue
-        stale = time.monotonic() - QUEUE_DELAY if QUEUE_DELAY is not None else None
+        stale = time.monotonic() - QUEUE_DELAY if QUEUE_DELAY is not None and not self.lossless else None
         while queue and size < WRITE_BATCH:
             queued, item = queue.popleft()
             standing = self._queued >= QUEUE_DELAY_FLOOR

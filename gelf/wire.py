@@ -16,6 +16,7 @@ VERSION = 1
 
 TYPE_DATA = 0
 TYPE_CONTROL = 1
+TYPE_STREAM = 2  # gelf-mirror's stream events (gelf/mirror/events.py); a tap server drops them
 
 FLAG_SEALED = 0x01
 FLAG_OFFLOAD = 0x02
