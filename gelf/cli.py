@@ -7,7 +7,6 @@ import logging
 import os
 import pwd
 import socket
-import ssl
 import sys
 import threading
 
@@ -178,16 +177,7 @@ def load_token(args):
 
 def load_tls(args):
     """(cert, key) after checking that they load together, or None."""
-    if not args.ssl_cert and not args.ssl_key:
-        return None
-    if not (args.ssl_cert and args.ssl_key):
-        raise UserError("--ssl-cert and --ssl-key go together")
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.ssl_cert, args.ssl_key)
-    except (OSError, ssl.SSLError) as err:
-        raise UserError("cannot use certificate %s with key %s: %s"
-                        % (args.ssl_cert, args.ssl_key, getattr(err, "strerror", None) or err)) from None
-    return args.ssl_cert, args.ssl_key
+    return options.load_tls(args.ssl_cert, args.ssl_key)
 
 
 def lookup_ids(args):

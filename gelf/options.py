@@ -11,6 +11,7 @@ valid port").
 
 import argparse
 import difflib
+import ssl
 import sys
 
 from gelf.tap import TapError, check_cidr
@@ -76,3 +77,18 @@ port = in_range("port", int, 1, 65535)
 megabytes = in_range("size in MB", float, 0.01, 1 << 20)
 seconds = in_range("number of seconds", float, 0.1, 86400)
 connections = in_range("number of connections", int, 1, 1 << 20)
+
+
+def load_tls(cert, key):
+    """(cert, key) after checking that they load together, or None when neither is given:
+    --ssl-cert and --ssl-key of gelf and of gelf-mirror's relay."""
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise UserError("--ssl-cert and --ssl-key go together")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as err:
+        raise UserError("cannot use certificate %s with key %s: %s"
+                        % (cert, key, getattr(err, "strerror", None) or err)) from None
+    return cert, key

@@ -164,16 +164,12 @@ class Root:
         return body
 
 
-def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, token=None, tls=None,
-          policy=None, limits=None):
-    """Configure CherryPy to serve gelf on host:port; the caller starts the engine.
-
-    `manager` (WebSocketLinks) takes every upgraded /ws connection; `tls` is (certificate
-    file, private key file) to serve https and wss; `policy` says which pages may use it;
-    `limits` (gate.Limits) what clients may hold.
-    """
-    limits = limits or gate.Limits()  # gate
-    manager.admission = gate.Admission(limits.max_connections, limits.max_per_address)  # gate
+def serve(engine, host, port, manager, limits=None, tls=None, debug=False):
+    """The HTTP side every gelf process serves on: CherryPy on host:port (https with `tls`,
+    (certificate file, private key file)) behind the gate with `limits` (gate.Limits), and
+    ws4py's plugin handing upgraded /ws connections to `manager`. Also gelf-mirror's relay."""
+    limits = limits or gate.Limits()
+    manager.admission = gate.Admission(limits.max_connections, limits.max_per_address)
     plugin = WebSocketPlugin(engine)
     plugin.manager = manager
     plugin.subscribe()
@@ -195,7 +191,25 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
             "server.ssl_private_key": tls[1],
         })
     cherrypy.config.update(settings)
-    cherrypy.server.httpserver = gate.GateServer(cherrypy.server, manager.admission, limits.header_timeout)  # gate
+    cherrypy.server.httpserver = gate.GateServer(cherrypy.server, manager.admission, limits.header_timeout)
+
+
+def redact_logs(app):
+    """-d/-v show CherryPy's logs: no ?token=... in them."""
+    for log_manager in (cherrypy.log, app.log):
+        for logger in (log_manager.access_log, log_manager.error_log):
+            logger.addFilter(Redact())
+
+
+def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, token=None, tls=None,
+          policy=None, limits=None):
+    """Configure CherryPy to serve gelf on host:port; the caller starts the engine.
+
+    `manager` (WebSocketLinks) takes every upgraded /ws connection; `tls` is (certificate
+    file, private key file) to serve https and wss; `policy` says which pages may use it;
+    `limits` (gate.Limits) what clients may hold.
+    """
+    serve(engine, host, port, manager, limits, tls, debug)
     root = {"tools.encode.on": True}
     guard.install(root, token, policy or guard.OriginPolicy(), drops, __version__)
     config = {
@@ -207,7 +221,4 @@ def mount(engine, host, port, tap, pump, links, drops, manager, debug=False, tok
             "tools.staticdir.dir": str(asset_dir("static")),
         },
     }
-    app = cherrypy.tree.mount(Root(tap, pump, links, drops), "/", config)
-    for log_manager in (cherrypy.log, app.log):  # -d shows CherryPy's logs: no ?token=... in them
-        for logger in (log_manager.access_log, log_manager.error_log):
-            logger.addFilter(Redact())
+    redact_logs(cherrypy.tree.mount(Root(tap, pump, links, drops), "/", config))

@@ -6,10 +6,9 @@ created (no socket bound, no file written, no thread started), each one line for
 import errno
 import ipaddress
 import socket
-import ssl
 from typing import NamedTuple
 
-from gelf import keys, wire
+from gelf import keys, options, wire
 from gelf.client import tls_context
 from gelf.mirror import events, flags, replay, source, upstreams
 from gelf.mirror.outputs import file as file_output
@@ -86,14 +85,7 @@ def load_tls(args, mode):
     if mode != "relay":
         raise UserError("--ssl-cert/--ssl-key serve wss:// in relay mode (-r); to reach a wss:// relay, "
                         "write -u wss://HOST:PORT (and --cacert FILE for its CA)")
-    if not (args.ssl_cert and args.ssl_key):
-        raise UserError("--ssl-cert and --ssl-key go together")
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.ssl_cert, args.ssl_key)
-    except (OSError, ssl.SSLError) as err:
-        raise UserError("cannot use certificate %s with key %s: %s"
-                        % (args.ssl_cert, args.ssl_key, getattr(err, "strerror", None) or err)) from None
-    return args.ssl_cert, args.ssl_key
+    return options.load_tls(args.ssl_cert, args.ssl_key)
 
 
 def check_bind(args, mode):

@@ -20,12 +20,10 @@ import time
 
 import cherrypy
 from prometheus_client import CONTENT_TYPE_LATEST
-from ws4py.server.cherrypyserver import WebSocketPlugin, WebSocketTool
 
-from gelf import __version__, fastws, gate, guard, server, wire
+from gelf import __version__, fastws, guard, server, wire
 from gelf.httphead import REFUSED_HEADER
 from gelf.links import LinkSet
-from gelf.logs import Redact
 from gelf.mirror import events
 from gelf.mirror.events import Kind
 from gelf.seen import SeenFilter
@@ -196,35 +194,12 @@ class Root:
 
 def mount(engine, host, port, relay, manager, token=None, tls=None, limits=None, debug=False):
     """Configure CherryPy to serve the relay on host:port, as server.mount does for gelf."""
-    limits = limits or gate.Limits()
-    manager.admission = gate.Admission(limits.max_connections, limits.max_per_address)
-    plugin = WebSocketPlugin(engine)
-    plugin.manager = manager
-    plugin.subscribe()
-    cherrypy.tools.websocket = WebSocketTool()
-    cherrypy.tools.gelf_upgrade = cherrypy.Tool("on_start_resource", server.check_upgrade, priority=20)
+    server.serve(engine, host, port, manager, limits, tls, debug)
     cherrypy.tools.mirror_refusals = cherrypy.Tool("before_finalize", log_refusal, priority=90)
-    settings = {
-        "server.socket_host": host,
-        "server.socket_port": port,
-        "server.shutdown_timeout": 0.5,
-        "engine.autoreload.on": False,
-        "checker.on": False,
-        "log.screen": debug,
-        "request.show_tracebacks": debug,
-    }
-    if tls:
-        settings.update({"server.ssl_module": "builtin", "server.ssl_certificate": tls[0],
-                         "server.ssl_private_key": tls[1]})
-    cherrypy.config.update(settings)
-    cherrypy.server.httpserver = gate.GateServer(cherrypy.server, manager.admission, limits.header_timeout)
     root = {"tools.encode.on": True, "tools.mirror_refusals.on": True}
     guard.install(root, token, NoPages(), relay.drops, __version__)
     root["tools.response_headers.headers"] = root["tools.response_headers.headers"] + [(MIRROR_HEADER, "relay")]
     config = {"/": root,
               "/ws": {"tools.gelf_upgrade.on": True, "tools.websocket.on": True,
                       "tools.websocket.handler_cls": server.Upgrade}}
-    app = cherrypy.tree.mount(Root(relay), "/", config)
-    for log_manager in (cherrypy.log, app.log):  # -v shows CherryPy's logs: no ?token=... in them
-        for logger in (log_manager.access_log, log_manager.error_log):
-            logger.addFilter(Redact())
+    server.redact_logs(cherrypy.tree.mount(Root(relay), "/", config))
